@@ -1,0 +1,537 @@
+//! The partition log through its public API, on real files.
+#![allow(clippy::field_reassign_with_default)]
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::time::Duration;
+
+use common::{batch, sized_batch, small_config, values};
+use sluice_log_store::log::CLEAN_SHUTDOWN_MARKER;
+use sluice_log_store::{AppendOptions, Error, FlushPolicy, Log, LogConfig};
+
+fn opts() -> AppendOptions {
+    AppendOptions::default()
+}
+
+#[test]
+fn append_assigns_offsets_and_read_returns_whole_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (0, 0));
+    let a = log.append(&batch("a", 3, 100), opts()).expect("append");
+    let b = log.append(&batch("b", 2, 200), opts()).expect("append");
+    assert_eq!((a.base_offset, a.last_offset), (0, 2));
+    assert_eq!((b.base_offset, b.last_offset), (3, 4));
+    assert_eq!(log.log_end_offset(), 5);
+
+    let all = log.read(0, 1 << 20).expect("read");
+    let got = values(&all);
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[3], (3, "b-0".to_string()));
+
+    // An offset inside a batch returns that whole batch.
+    let from_one = values(&log.read(1, 1 << 20).expect("read"));
+    assert_eq!(from_one[0].0, 0);
+    // max_bytes smaller than a batch still returns one whole batch.
+    let one = values(&log.read(3, 1).expect("read"));
+    assert_eq!(one, vec![(3, "b-0".into()), (4, "b-1".into())]);
+    // Reading at the log end is empty, not an error.
+    assert!(log.read(5, 100).expect("read").is_empty());
+}
+
+#[test]
+fn out_of_range_reads_carry_both_bounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    log.append(&batch("a", 3, 1), opts()).expect("append");
+    match log.read(4, 100) {
+        Err(Error::OffsetOutOfRange {
+            offset: 4,
+            log_start_offset: 0,
+            log_end_offset: 3,
+        }) => {}
+        other => panic!("expected out of range, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_batches_are_rejected_without_touching_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    log.append(&batch("ok", 2, 1), opts()).expect("append");
+    let size = log.size_bytes();
+
+    let mut flipped = batch("x", 2, 1).to_vec();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    assert!(matches!(
+        log.append(&flipped, opts()),
+        Err(Error::CrcMismatch { .. })
+    ));
+    let good = batch("x", 2, 1);
+    assert!(matches!(
+        log.append(&good[..good.len() - 3], opts()),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(log.append(&[1, 2, 3], opts()).is_err());
+
+    let mut small = LogConfig::default();
+    small.max_batch_bytes = 100;
+    log.set_config(small).expect("config");
+    assert!(matches!(
+        log.append(&sized_batch(10, 100, 1), opts()),
+        Err(Error::BatchTooLarge { .. })
+    ));
+    assert_eq!(log.size_bytes(), size);
+    assert_eq!(log.log_end_offset(), 2);
+    assert_eq!(values(&log.read(0, 1 << 20).expect("read")).len(), 2);
+}
+
+#[test]
+fn rolls_on_size_and_reads_across_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..100 {
+        log.append(&batch(&format!("b{i}"), 5, i), opts())
+            .expect("append");
+    }
+    assert!(log.segment_count() > 2, "{} segments", log.segment_count());
+    for base in log.segment_base_offsets() {
+        let name = format!("{base:020}.log");
+        assert!(dir.path().join(&name).exists(), "{name}");
+        assert!(dir.path().join(format!("{base:020}.index")).exists());
+        assert!(dir.path().join(format!("{base:020}.timeindex")).exists());
+    }
+    // Every offset can be read, and the first record returned is the batch holding it.
+    let mut offset = 0;
+    let mut seen = 0;
+    while offset < log.log_end_offset() {
+        let got = values(&log.read(offset, 700).expect("read"));
+        assert!(!got.is_empty());
+        assert_eq!(got[0].0, offset);
+        seen += got.len();
+        offset = got.last().expect("nonempty").0 + 1;
+    }
+    assert_eq!(seen, 500);
+    for probe in [0u64, 1, 4, 5, 123, 250, 499] {
+        let got = values(&log.read(probe, 1).expect("read"));
+        let first = got[0].0;
+        assert!(
+            first <= probe && probe < first + 5,
+            "probe {probe} got {first}"
+        );
+        assert_eq!(
+            got[(probe - first) as usize].1,
+            format!("b{}-{}", probe / 5, probe % 5)
+        );
+    }
+}
+
+#[test]
+fn read_bounded_never_passes_the_upper_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    for i in 0..4 {
+        log.append(&batch(&format!("b{i}"), 2, 1), opts())
+            .expect("append");
+    }
+    let got = values(&log.read_bounded(0, 1 << 20, 4).expect("read"));
+    assert_eq!(got.last().expect("some").0, 3);
+    assert!(log.read_bounded(4, 1 << 20, 4).expect("read").is_empty());
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..50 {
+        log.append(&batch("t", 4, 1000 + i * 10), opts())
+            .expect("append");
+    }
+    // Batch i holds timestamps 1000+10i .. 1000+10i+3 at offsets 4i .. 4i+3.
+    assert_eq!(
+        log.offset_for_timestamp(0).expect("lookup"),
+        Some((0, 1000))
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1002).expect("lookup"),
+        Some((2, 1002))
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1005).expect("lookup"),
+        Some((4, 1010))
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1253).expect("lookup"),
+        Some((103, 1253))
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1493).expect("lookup"),
+        Some((199, 1493))
+    );
+    assert_eq!(log.offset_for_timestamp(1494).expect("lookup"), None);
+    log.roll().expect("roll");
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).expect("reopen");
+    assert_eq!(
+        log.offset_for_timestamp(1253).expect("lookup"),
+        Some((103, 1253))
+    );
+}
+
+#[test]
+fn log_append_time_restamps_the_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    let info = log
+        .append(
+            &batch("a", 3, 5),
+            AppendOptions {
+                leader_epoch: 3,
+                log_append_time: Some(777),
+            },
+        )
+        .expect("append");
+    assert_eq!(info.max_timestamp, 777);
+    let bytes = log.read(0, 1 << 20).expect("read");
+    let b = sluice_log_store::RecordBatch::new(bytes).expect("batch");
+    assert!(b.crc_ok());
+    assert_eq!(b.header().partition_leader_epoch, 3);
+    assert!(b
+        .records()
+        .expect("records")
+        .iter()
+        .all(|r| r.timestamp == 777));
+}
+
+#[test]
+fn retention_by_bytes_and_time_moves_the_log_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = small_config();
+    config.retention_bytes = Some(8192);
+    let mut log = Log::open(dir.path(), config).expect("open");
+    for i in 0..200 {
+        log.append(&batch("r", 5, i), opts()).expect("append");
+    }
+    let before = log.segment_count();
+    let deleted = log.apply_retention(0).expect("retention");
+    assert!(deleted > 0 && log.segment_count() == before - deleted);
+    assert!(log.size_bytes() >= 8192 - 4096, "kept {}", log.size_bytes());
+    let start = log.log_start_offset();
+    assert!(start > 0);
+    assert!(matches!(
+        log.read(start - 1, 100),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(values(&log.read(start, 100).expect("read"))[0].0, start);
+    assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
+
+    let mut by_time = small_config();
+    by_time.retention_ms = Some(1000);
+    log.set_config(by_time).expect("config");
+    // Records were stamped near time 0; "now" far later expires every sealed segment.
+    log.apply_retention(10_000_000).expect("retention");
+    assert_eq!(log.segment_count(), 1, "only the active segment stays");
+    assert_eq!(log.log_start_offset(), log.segment_base_offsets()[0]);
+}
+
+#[test]
+fn rolls_on_age() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.segment_ms = Some(50);
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.append(&batch("a", 1, sluice_now()), opts())
+        .expect("append");
+    log.append(&batch("a", 1, sluice_now()), opts())
+        .expect("append");
+    assert_eq!(log.segment_count(), 1);
+    std::thread::sleep(Duration::from_millis(80));
+    log.append(&batch("a", 1, sluice_now()), opts())
+        .expect("append");
+    assert_eq!(log.segment_count(), 2);
+}
+
+fn sluice_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[test]
+fn truncate_to_drops_the_tail_across_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..100 {
+        log.append(&batch(&format!("b{i}"), 5, i), opts())
+            .expect("append");
+    }
+    let segments = log.segment_count();
+    // Offset 203 is inside batch 40 (200..204): the whole batch goes.
+    assert_eq!(log.truncate_to(203).expect("truncate"), 200);
+    assert_eq!(log.log_end_offset(), 200);
+    assert!(log.segment_count() < segments);
+    let got = values(&log.read(195, 1 << 20).expect("read"));
+    assert_eq!(got.last().expect("some").0, 199);
+    // Appends continue from the new end, and survive a reopen.
+    let info = log.append(&batch("new", 2, 1), opts()).expect("append");
+    assert_eq!(info.base_offset, 200);
+    log.close().expect("close");
+    let log = Log::open(dir.path(), small_config()).expect("reopen");
+    assert_eq!(log.log_end_offset(), 202);
+    assert_eq!(values(&log.read(200, 1 << 20).expect("read"))[0].1, "new-0");
+    log.verify().expect("verify");
+}
+
+#[test]
+fn truncate_under_a_reader_keeps_the_reader_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    for i in 0..10 {
+        log.append(&batch(&format!("b{i}"), 3, i), opts())
+            .expect("append");
+    }
+    let held = log.read(0, 1 << 20).expect("read");
+    assert_eq!(log.truncate_to(6).expect("truncate"), 6);
+    // The held slice still sees all ten batches, undamaged.
+    let got = values(&held);
+    assert_eq!(got.len(), 30);
+    assert_eq!(got[29].1, "b9-2");
+    log.append(&batch("after", 1, 1), opts()).expect("append");
+    assert_eq!(values(&log.read(6, 1 << 20).expect("read"))[0].1, "after-0");
+    log.verify().expect("verify");
+}
+
+#[test]
+fn truncate_below_start_empties_and_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..20 {
+        log.append(&batch("x", 5, i), opts()).expect("append");
+    }
+    log.truncate_fully(1000).expect("truncate fully");
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (1000, 1000));
+    let info = log.append(&batch("y", 1, 1), opts()).expect("append");
+    assert_eq!(info.base_offset, 1000);
+}
+
+#[test]
+fn append_replicated_keeps_offsets_and_checks_continuity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leader_dir = tempfile::tempdir().expect("tempdir");
+    let mut leader = Log::open(leader_dir.path(), LogConfig::default()).expect("open");
+    let mut follower = Log::open(dir.path(), LogConfig::default()).expect("open");
+    for i in 0..3 {
+        leader
+            .append(
+                &batch(&format!("l{i}"), 2, i),
+                AppendOptions {
+                    leader_epoch: 4,
+                    log_append_time: None,
+                },
+            )
+            .expect("append");
+    }
+    let all = leader.read(0, 1 << 20).expect("read");
+    let batches: Vec<_> = sluice_log_store::BatchIter::new(all.clone())
+        .collect::<Result<_, _>>()
+        .expect("batches");
+    assert!(matches!(
+        follower.append_replicated(batches[1].bytes()),
+        Err(Error::UnexpectedOffset {
+            expected: 0,
+            got: 2
+        })
+    ));
+    for b in &batches {
+        follower.append_replicated(b.bytes()).expect("replicate");
+    }
+    assert_eq!(follower.read(0, 1 << 20).expect("read"), all);
+}
+
+#[test]
+fn clean_close_leaves_a_marker_and_reopen_trusts_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..50 {
+        log.append(&batch("c", 5, i), opts()).expect("append");
+    }
+    log.close().expect("close");
+    assert!(dir.path().join(CLEAN_SHUTDOWN_MARKER).exists());
+    let (log, report) = Log::open_with_report(dir.path(), small_config()).expect("reopen");
+    assert!(report.clean);
+    assert!(
+        !dir.path().join(CLEAN_SHUTDOWN_MARKER).exists(),
+        "marker is consumed"
+    );
+    assert_eq!(log.log_end_offset(), 250);
+    assert_eq!(values(&log.read(123, 1).expect("read"))[0].0, 120);
+    drop(log); // no close: the next open must recover
+    let (log, report) = Log::open_with_report(dir.path(), small_config()).expect("reopen");
+    assert!(!report.clean);
+    assert!(report.truncation.is_none());
+    assert_eq!(log.log_end_offset(), 250);
+}
+
+#[test]
+fn flush_policies_move_the_recovery_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::Os;
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.append(&batch("a", 2, 1), opts()).expect("append");
+    assert_eq!(log.recovery_point(), 0);
+    log.flush().expect("flush");
+    assert_eq!(log.recovery_point(), 2);
+
+    config.flush = FlushPolicy::EveryBatch;
+    log.set_config(config.clone()).expect("config");
+    log.append(&batch("b", 2, 1), opts()).expect("append");
+    assert_eq!(log.recovery_point(), 4);
+
+    config.flush = FlushPolicy::Interval(Duration::from_millis(30));
+    log.set_config(config).expect("config");
+    log.append_deferred(&batch("c", 2, 1), opts())
+        .expect("append");
+    std::thread::sleep(Duration::from_millis(40));
+    log.apply_flush_policy().expect("flush");
+    assert_eq!(log.recovery_point(), 6);
+}
+
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut logs: Vec<_> = fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().expect("a segment")
+}
+
+/// Writes `n` batches of 3 records and returns the byte size after each one.
+fn fill(dir: &std::path::Path, n: usize) -> Vec<u64> {
+    let mut log = Log::open(dir, LogConfig::default()).expect("open");
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        log.append(&batch(&format!("t{i}"), 3, i as i64), opts())
+            .expect("append");
+        sizes.push(log.size_bytes());
+    }
+    sizes
+}
+
+#[test]
+fn torn_tail_cut_at_every_kind_of_byte_recovers_the_valid_prefix() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let sizes = fill(src.path(), 20);
+    let full = fs::read(last_segment(src.path())).expect("read");
+    // Cut at a spread of positions: inside headers, inside records, at boundaries.
+    let cuts: Vec<u64> = (0..full.len() as u64)
+        .step_by(7)
+        .chain([full.len() as u64 - 1])
+        .collect();
+    for cut in cuts {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seg = dir.path().join(format!("{:020}.log", 0));
+        fs::write(&seg, &full[..cut as usize]).expect("write");
+        let (log, report) = Log::open_with_report(dir.path(), LogConfig::default()).expect("open");
+        let whole = sizes.iter().take_while(|&&s| s <= cut).count();
+        assert_eq!(log.log_end_offset(), whole as u64 * 3, "cut at {cut}");
+        let expect_valid = if whole == 0 { 0 } else { sizes[whole - 1] };
+        assert_eq!(
+            fs::metadata(&seg).expect("meta").len(),
+            expect_valid,
+            "cut at {cut}"
+        );
+        assert_eq!(
+            report.truncation.is_some(),
+            cut != expect_valid,
+            "cut at {cut}"
+        );
+        log.verify().expect("verify");
+    }
+}
+
+#[test]
+fn garbage_appended_is_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sizes = fill(dir.path(), 10);
+    let seg = last_segment(dir.path());
+    for garbage in [
+        vec![0u8; 100],
+        vec![0xffu8; 7],
+        (0..=255u8).collect::<Vec<_>>(),
+    ] {
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .and_then(|mut f| f.write_all(&garbage))
+            .expect("append garbage");
+        let (log, report) = Log::open_with_report(dir.path(), LogConfig::default()).expect("open");
+        assert_eq!(log.log_end_offset(), 30);
+        assert_eq!(fs::metadata(&seg).expect("meta").len(), sizes[9]);
+        assert!(report.truncation.is_some());
+    }
+}
+
+#[test]
+fn flipped_bit_in_the_tail_cuts_from_that_batch() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let sizes = fill(src.path(), 10);
+    let full = fs::read(last_segment(src.path())).expect("read");
+    for (victim, offset_in_batch) in [(0usize, 30u64), (4, 20), (9, 61), (9, 5)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seg = dir.path().join(format!("{:020}.log", 0));
+        let mut bytes = full.clone();
+        let start = if victim == 0 { 0 } else { sizes[victim - 1] };
+        bytes[(start + offset_in_batch) as usize] ^= 0x04;
+        fs::write(&seg, &bytes).expect("write");
+        let log = Log::open(dir.path(), LogConfig::default()).expect("open");
+        assert_eq!(log.log_end_offset(), victim as u64 * 3, "victim {victim}");
+        assert_eq!(fs::metadata(&seg).expect("meta").len(), start);
+    }
+}
+
+#[test]
+fn corrupt_sealed_segment_is_reported_with_file_and_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..40 {
+        log.append(&batch("s", 5, i), opts()).expect("append");
+    }
+    log.close().expect("close");
+    let first = dir.path().join(format!("{:020}.log", 0));
+    let mut bytes = fs::read(&first).expect("read");
+    let len = bytes.len();
+    bytes[len - 10] ^= 0xff; // inside the last batch, past the last index entry
+    fs::write(&first, &bytes).expect("write");
+    match Log::open(dir.path(), small_config()) {
+        Err(Error::CorruptSegment { path, position, .. }) => {
+            assert_eq!(path, first);
+            assert!(position > 0 && position < len as u64);
+        }
+        other => panic!("expected a corrupt-segment error, got {other:?}"),
+    }
+    // The bytes are still there: nothing was silently cut.
+    assert_eq!(fs::read(&first).expect("read").len(), len);
+}
+
+#[test]
+fn missing_index_of_a_sealed_segment_is_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..40 {
+        log.append(&batch("i", 5, i), opts()).expect("append");
+    }
+    log.close().expect("close");
+    fs::remove_file(dir.path().join(format!("{:020}.index", 0))).expect("rm");
+    fs::write(dir.path().join(format!("{:020}.timeindex", 0)), [1, 2, 3]).expect("garble");
+    let log = Log::open(dir.path(), small_config()).expect("open");
+    for probe in [0u64, 3, 7, 11] {
+        let got = values(&log.read(probe, 1).expect("read"));
+        assert!(got[0].0 <= probe && probe < got[0].0 + 5);
+    }
+    assert_eq!(log.offset_for_timestamp(3).expect("lookup"), Some((3, 3)));
+}
