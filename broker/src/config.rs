@@ -1,0 +1,232 @@
+//! Broker configuration, layered: defaults < TOML file (`--config`) < `SLUICE_*`
+//! environment < flags.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::topic::config::TopicConfig;
+
+/// The `sluice-broker` command line. Every flag can also be set by its environment
+/// variable or in the TOML file given with `--config` (same names, `_` for `-`).
+#[derive(Debug, Default, Parser)]
+#[command(name = "sluice-broker", version, about = "The Sluice message broker")]
+pub struct BrokerArgs {
+    /// TOML file with any of the settings below.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This broker's id in the cluster [default: 1].
+    #[arg(long, env = "SLUICE_NODE_ID")]
+    pub node_id: Option<u32>,
+    /// Folder for partition logs and metadata [default: ./data].
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on for clients and peers [default: 127.0.0.1:9292].
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address clients should use to reach this broker [default: the listen address].
+    #[arg(long, env = "SLUICE_ADVERTISED_ADDR")]
+    pub advertised_addr: Option<String>,
+    /// Create a topic with default settings when a producer writes to an unknown one
+    /// [default: false].
+    #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS", num_args = 0..=1, default_missing_value = "true")]
+    pub auto_create_topics: Option<bool>,
+    /// Partitions of a topic created without a count [default: 1].
+    #[arg(long, env = "SLUICE_DEFAULT_PARTITIONS")]
+    pub default_partitions: Option<u32>,
+    /// Replication factor of a topic created without one [default: 1].
+    #[arg(long, env = "SLUICE_DEFAULT_REPLICATION_FACTOR")]
+    pub default_replication_factor: Option<u32>,
+    /// Default topic config, `key=value` (repeatable; the environment variable takes a
+    /// comma-separated list), e.g. `retention.ms=3d`, `flush.policy=os`.
+    #[arg(
+        long = "topic-config",
+        env = "SLUICE_TOPIC_CONFIG",
+        value_delimiter = ','
+    )]
+    pub topic_config: Vec<String>,
+}
+
+/// The TOML file's shape: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+struct FileConfig {
+    node_id: Option<u32>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    advertised_addr: Option<String>,
+    auto_create_topics: Option<bool>,
+    default_partitions: Option<u32>,
+    default_replication_factor: Option<u32>,
+    #[serde(default)]
+    topic_config: BTreeMap<String, String>,
+}
+
+/// The broker's effective configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// This broker's id.
+    pub node_id: u32,
+    /// Folder for partition logs and metadata.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Address clients use (defaults to the listen address).
+    pub advertised_addr: String,
+    /// Create unknown topics on produce.
+    pub auto_create_topics: bool,
+    /// Partitions of a topic created without a count.
+    pub default_partitions: u32,
+    /// Replication factor of a topic created without one.
+    pub default_replication_factor: u32,
+    /// Default topic config overrides (Kafka keys).
+    pub topic_defaults: BTreeMap<String, String>,
+}
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9292";
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let listen: SocketAddr = DEFAULT_LISTEN
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9292)));
+        BrokerConfig {
+            node_id: 1,
+            data_dir: PathBuf::from("./data"),
+            listen,
+            advertised_addr: listen.to_string(),
+            auto_create_topics: false,
+            default_partitions: 1,
+            default_replication_factor: 1,
+            topic_defaults: BTreeMap::new(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Resolves flags and environment (already merged by clap) over the TOML file over
+    /// the defaults, then validates.
+    pub fn from_args(args: BrokerArgs) -> Result<BrokerConfig, String> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let d = BrokerConfig::default();
+        let listen = args.listen.or(file.listen).unwrap_or(d.listen);
+        let mut topic_defaults = file.topic_config;
+        for pair in &args.topic_config {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("--topic-config {pair:?}: expected key=value"))?;
+            topic_defaults.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let config = BrokerConfig {
+            node_id: args.node_id.or(file.node_id).unwrap_or(d.node_id),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            listen,
+            advertised_addr: args
+                .advertised_addr
+                .or(file.advertised_addr)
+                .unwrap_or_else(|| listen.to_string()),
+            auto_create_topics: args
+                .auto_create_topics
+                .or(file.auto_create_topics)
+                .unwrap_or(d.auto_create_topics),
+            default_partitions: args
+                .default_partitions
+                .or(file.default_partitions)
+                .unwrap_or(d.default_partitions),
+            default_replication_factor: args
+                .default_replication_factor
+                .or(file.default_replication_factor)
+                .unwrap_or(d.default_replication_factor),
+            topic_defaults,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that would otherwise fail later, less clearly.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.default_partitions == 0 {
+            return Err("default partitions must be at least 1".into());
+        }
+        if self.default_replication_factor == 0 {
+            return Err("default replication factor must be at least 1".into());
+        }
+        self.topic_config()?;
+        Ok(())
+    }
+
+    /// The config of a topic that sets nothing itself.
+    pub fn topic_config(&self) -> Result<TopicConfig, String> {
+        TopicConfig::resolve(&TopicConfig::default(), &self.topic_defaults)
+            .map_err(|e| format!("default topic config: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_arguments_gives_the_single_node_default() {
+        let c = BrokerConfig::from_args(BrokerArgs::default()).expect("valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9292");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert!(!c.auto_create_topics);
+        assert_eq!(c.advertised_addr, "127.0.0.1:9292");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "node_id = 7\nlisten = \"127.0.0.1:1234\"\nauto_create_topics = true\n[topic_config]\n\"retention.ms\" = \"1d\"\n",
+        )
+        .expect("write");
+        let args = BrokerArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:4321".parse().expect("addr")),
+            topic_config: vec!["segment.bytes=64MiB".into()],
+            ..BrokerArgs::default()
+        };
+        let c = BrokerConfig::from_args(args).expect("valid");
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.listen.port(), 4321);
+        assert!(c.auto_create_topics);
+        let t = c.topic_config().expect("topic config");
+        assert_eq!(t.log.retention_ms, Some(86_400_000));
+        assert_eq!(t.log.segment_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_clearly() {
+        let args = BrokerArgs {
+            topic_config: vec!["retention.ms=soon".into()],
+            ..BrokerArgs::default()
+        };
+        let err = BrokerConfig::from_args(args).expect_err("invalid");
+        assert!(err.contains("retention.ms"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "nodeid = 1\n").expect("write");
+        let err = BrokerConfig::from_args(BrokerArgs {
+            config: Some(path),
+            ..BrokerArgs::default()
+        })
+        .expect_err("unknown key");
+        assert!(err.contains("nodeid"), "{err}");
+    }
+}

@@ -1,0 +1,192 @@
+//! `AdminService`: topics and the cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sluice_proto::v1::admin_service_server::AdminService;
+use sluice_proto::v1::{
+    AlterTopicConfigRequest, AlterTopicConfigResponse, BrokerDescription, CreatePartitionsRequest,
+    CreatePartitionsResponse, CreateTopicRequest, CreateTopicResponse, DeleteTopicRequest,
+    DeleteTopicResponse, DescribeClusterRequest, DescribeClusterResponse, DescribeTopicsRequest,
+    DescribeTopicsResponse, ListTopicsRequest, ListTopicsResponse, PartitionDescription,
+    TopicDescription, TopicListing,
+};
+use tonic::{Request, Response, Status};
+
+use super::{to_status, Context};
+use crate::error::BrokerError;
+use crate::topic::manager::{NewTopic, TopicState};
+
+/// Serves `sluice.v1.AdminService`.
+#[derive(Debug, Clone)]
+pub struct AdminSvc {
+    ctx: Arc<Context>,
+}
+
+impl AdminSvc {
+    /// The service over a broker context.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        AdminSvc { ctx }
+    }
+
+    fn describe(&self, t: &TopicState) -> TopicDescription {
+        let node = self.ctx.config.node_id as i32;
+        TopicDescription {
+            name: t.meta.name.clone(),
+            partitions: t
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let s = p.state();
+                    PartitionDescription {
+                        partition: i as i32,
+                        leader: node,
+                        leader_epoch: 0,
+                        replicas: vec![node],
+                        isr: vec![node],
+                        log_start_offset: s.log_start_offset as i64,
+                        high_watermark: s.high_watermark as i64,
+                        log_end_offset: s.log_end_offset as i64,
+                    }
+                })
+                .collect(),
+            replication_factor: t.meta.replication_factor as i32,
+            configs: t.config.describe().into_iter().collect(),
+            overridden_configs: t.meta.configs.keys().cloned().collect(),
+            internal: t.meta.name.starts_with("__"),
+        }
+    }
+}
+
+fn non_negative(what: &str, v: i32) -> Result<u32, BrokerError> {
+    u32::try_from(v).map_err(|_| match what {
+        "partitions" => BrokerError::InvalidPartitions(format!("{v} is negative")),
+        _ => BrokerError::InvalidRequest(format!("{what} {v} is negative")),
+    })
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminSvc {
+    async fn create_topic(
+        &self,
+        request: Request<CreateTopicRequest>,
+    ) -> Result<Response<CreateTopicResponse>, Status> {
+        let req = request.into_inner();
+        let result = async {
+            let partitions = non_negative("partitions", req.partitions)?;
+            let topic = self
+                .ctx
+                .topics
+                .create(NewTopic {
+                    name: req.name,
+                    partitions,
+                    replication_factor: i64::from(req.replication_factor),
+                    configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
+                    validate_only: req.validate_only,
+                })
+                .await?;
+            Ok::<_, BrokerError>(CreateTopicResponse {
+                topic: Some(self.describe(&topic)),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<ListTopicsRequest>,
+    ) -> Result<Response<ListTopicsResponse>, Status> {
+        let md = self.ctx.topics.metadata();
+        let topics = md
+            .topics
+            .values()
+            .map(|t| TopicListing {
+                name: t.meta.name.clone(),
+                partitions: t.meta.partitions as i32,
+                replication_factor: t.meta.replication_factor as i32,
+                internal: t.meta.name.starts_with("__"),
+            })
+            .collect();
+        Ok(Response::new(ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topics(
+        &self,
+        request: Request<DescribeTopicsRequest>,
+    ) -> Result<Response<DescribeTopicsResponse>, Status> {
+        let req = request.into_inner();
+        let md = self.ctx.topics.metadata();
+        let topics = if req.names.is_empty() {
+            md.topics.values().map(|t| self.describe(t)).collect()
+        } else {
+            let mut out = Vec::new();
+            for name in &req.names {
+                let t = md.topic(name).map_err(|e| to_status(&e))?;
+                out.push(self.describe(t));
+            }
+            out
+        };
+        Ok(Response::new(DescribeTopicsResponse { topics }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<DeleteTopicRequest>,
+    ) -> Result<Response<DeleteTopicResponse>, Status> {
+        self.ctx
+            .topics
+            .delete(request.into_inner().name)
+            .await
+            .map(|()| Response::new(DeleteTopicResponse {}))
+            .map_err(|e| to_status(&e))
+    }
+
+    async fn create_partitions(
+        &self,
+        request: Request<CreatePartitionsRequest>,
+    ) -> Result<Response<CreatePartitionsResponse>, Status> {
+        let req = request.into_inner();
+        let result = async {
+            let total = non_negative("partitions", req.total_count)?;
+            self.ctx.topics.add_partitions(req.name, total).await
+        }
+        .await;
+        result
+            .map(|()| Response::new(CreatePartitionsResponse {}))
+            .map_err(|e| to_status(&e))
+    }
+
+    async fn alter_topic_config(
+        &self,
+        request: Request<AlterTopicConfigRequest>,
+    ) -> Result<Response<AlterTopicConfigResponse>, Status> {
+        let req = request.into_inner();
+        self.ctx
+            .topics
+            .alter_config(req.name, req.set.into_iter().collect(), req.delete)
+            .await
+            .map(|()| Response::new(AlterTopicConfigResponse {}))
+            .map_err(|e| to_status(&e))
+    }
+
+    async fn describe_cluster(
+        &self,
+        _request: Request<DescribeClusterRequest>,
+    ) -> Result<Response<DescribeClusterResponse>, Status> {
+        let node = self.ctx.config.node_id as i32;
+        Ok(Response::new(DescribeClusterResponse {
+            cluster_id: self.ctx.cluster_id.clone(),
+            brokers: vec![BrokerDescription {
+                node_id: node,
+                address: self.ctx.config.advertised_addr.clone(),
+                alive: true,
+            }],
+            controller_id: node,
+            raft_term: 0,
+            raft_commit_index: 0,
+            answered_by: node,
+        }))
+    }
+}

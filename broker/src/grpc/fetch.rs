@@ -1,0 +1,164 @@
+//! `FetchService`: long-poll fetches and offset look-ups.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::select_all;
+use futures_util::FutureExt;
+use sluice_proto::v1::fetch_service_server::FetchService;
+use sluice_proto::v1::{
+    offset_query, FetchPartitionResponse, FetchRequest, FetchResponse, ListOffsetsRequest,
+    ListOffsetsResponse, OffsetAnswer,
+};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::{partition_number, to_error, Context};
+use crate::error::BrokerError;
+use crate::partition::{OffsetSpec, PartitionHandle};
+
+/// Longest a fetch may wait, whatever it asks.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Bytes one fetch returns at most when it does not say.
+const DEFAULT_MAX_BYTES: usize = 50 << 20;
+/// Bytes per partition when the request does not say.
+const DEFAULT_PARTITION_MAX_BYTES: usize = 1 << 20;
+
+/// Serves `sluice.v1.FetchService`.
+#[derive(Debug, Clone)]
+pub struct FetchSvc {
+    ctx: Arc<Context>,
+}
+
+impl FetchSvc {
+    /// The service over a broker context.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        FetchSvc { ctx }
+    }
+}
+
+fn lookup(ctx: &Context, topic: &str, partition: i32) -> Result<PartitionHandle, BrokerError> {
+    let md = ctx.topics.metadata();
+    let t = md.topic(topic)?;
+    t.partition(partition_number(partition)).cloned()
+}
+
+#[tonic::async_trait]
+impl FetchService for FetchSvc {
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        let req = request.into_inner();
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
+        let min_bytes = req.min_bytes.max(1) as usize;
+        let max_bytes = match req.max_bytes {
+            0 => DEFAULT_MAX_BYTES,
+            n => n as usize,
+        };
+        loop {
+            // Subscribe before reading, so data that lands in between still wakes us.
+            let mut watches = Vec::new();
+            let mut out = Vec::with_capacity(req.partitions.len());
+            let mut total = 0usize;
+            let mut any_error = false;
+            for fp in &req.partitions {
+                let mut resp = FetchPartitionResponse {
+                    topic: fp.topic.clone(),
+                    partition: fp.partition,
+                    ..Default::default()
+                };
+                let result = async {
+                    let p = lookup(&self.ctx, &fp.topic, fp.partition)?;
+                    watches.push(p.subscribe());
+                    let offset = u64::try_from(fp.fetch_offset).map_err(|_| {
+                        BrokerError::OffsetOutOfRange {
+                            offset: 0,
+                            log_start_offset: p.state().log_start_offset,
+                            high_watermark: p.state().high_watermark,
+                        }
+                    })?;
+                    let budget = match fp.partition_max_bytes {
+                        0 => DEFAULT_PARTITION_MAX_BYTES,
+                        n => n as usize,
+                    }
+                    .min(max_bytes.saturating_sub(total));
+                    let data = if budget == 0 && total > 0 {
+                        bytes::Bytes::new()
+                    } else {
+                        p.read(offset, budget.max(1)).await?
+                    };
+                    Ok::<_, BrokerError>((p.state(), data))
+                }
+                .await;
+                match result {
+                    Ok((state, data)) => {
+                        resp.high_watermark = state.high_watermark as i64;
+                        resp.log_start_offset = state.log_start_offset as i64;
+                        total += data.len();
+                        resp.records = data;
+                    }
+                    Err(e) => {
+                        any_error = true;
+                        resp.high_watermark = -1;
+                        resp.log_start_offset = -1;
+                        resp.error = Some(to_error(&e));
+                    }
+                }
+                out.push(resp);
+            }
+            if total >= min_bytes || any_error || watches.is_empty() || Instant::now() >= deadline {
+                return Ok(Response::new(FetchResponse { partitions: out }));
+            }
+            // Wait for any partition's offsets to move, or the deadline.
+            let changes = watches
+                .iter_mut()
+                .map(|w| w.changed().boxed())
+                .collect::<Vec<_>>();
+            tokio::select! {
+                _ = select_all(changes) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                () = self.ctx.stopped() => {
+                    return Ok(Response::new(FetchResponse { partitions: out }));
+                }
+            }
+        }
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<ListOffsetsRequest>,
+    ) -> Result<Response<ListOffsetsResponse>, Status> {
+        let mut answers = Vec::new();
+        for q in request.into_inner().queries {
+            let mut a = OffsetAnswer {
+                topic: q.topic.clone(),
+                partition: q.partition,
+                offset: -1,
+                timestamp_ms: -1,
+                error: None,
+            };
+            let result = async {
+                let spec = match q.spec {
+                    Some(offset_query::Spec::Earliest(_)) => OffsetSpec::Earliest,
+                    Some(offset_query::Spec::Latest(_)) | None => OffsetSpec::Latest,
+                    Some(offset_query::Spec::TimestampMs(ts)) => OffsetSpec::Timestamp(ts),
+                };
+                lookup(&self.ctx, &q.topic, q.partition)?
+                    .list_offset(spec)
+                    .await
+            }
+            .await;
+            match result {
+                Ok((offset, ts)) => {
+                    a.offset = offset as i64;
+                    a.timestamp_ms = ts;
+                }
+                Err(e) => a.error = Some(to_error(&e)),
+            }
+            answers.push(a);
+        }
+        Ok(Response::new(ListOffsetsResponse { answers }))
+    }
+}

@@ -1,0 +1,127 @@
+//! The gRPC edge: one file per service family, and the single place where broker errors
+//! become gRPC statuses.
+
+pub mod admin;
+pub mod fetch;
+pub mod produce;
+
+use std::sync::Arc;
+
+use sluice_proto::{v1, ErrorReason};
+use tonic::Status;
+
+use crate::config::BrokerConfig;
+use crate::error::BrokerError;
+use crate::topic::manager::{NewTopic, TopicState, Topics};
+
+/// What every service needs.
+#[derive(Debug)]
+pub struct Context {
+    /// The broker's configuration.
+    pub config: BrokerConfig,
+    /// Topic metadata and partitions.
+    pub topics: Topics,
+    /// This cluster's id, kept in the data directory.
+    pub cluster_id: String,
+    /// Turns true when the broker starts shutting down; long-lived calls end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Context {
+    /// Resolves once the broker is shutting down.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+impl Context {
+    /// The topic for a produce: created with defaults when unknown and the broker allows
+    /// auto-creation.
+    pub async fn topic_for_produce(&self, name: &str) -> Result<Arc<TopicState>, BrokerError> {
+        match self.topics.metadata().topic(name) {
+            Ok(t) => return Ok(Arc::clone(t)),
+            Err(e) if !self.config.auto_create_topics => return Err(e),
+            Err(_) => {}
+        }
+        let created = self
+            .topics
+            .create(NewTopic {
+                name: name.to_string(),
+                partitions: 0,
+                replication_factor: 0,
+                configs: Default::default(),
+                validate_only: false,
+            })
+            .await;
+        match created {
+            Ok(t) => Ok(t),
+            // Another request created it first.
+            Err(BrokerError::TopicExists(_)) => self.topics.metadata().topic(name).cloned(),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The reason and metadata a client sees for an error.
+fn reason(e: &BrokerError) -> (ErrorReason, Vec<(String, String)>) {
+    use BrokerError as E;
+    match e {
+        E::UnknownTopic(_) | E::UnknownPartition { .. } => {
+            (ErrorReason::UnknownTopicOrPartition, vec![])
+        }
+        E::TopicExists(_) => (ErrorReason::TopicExists, vec![]),
+        E::InvalidTopic(_) => (ErrorReason::InvalidTopic, vec![]),
+        E::InvalidConfig(_) => (ErrorReason::InvalidConfig, vec![]),
+        E::InvalidPartitions(_) => (ErrorReason::InvalidPartitions, vec![]),
+        E::InvalidReplicationFactor { .. } => (ErrorReason::InvalidReplicationFactor, vec![]),
+        E::MessageTooLarge { size, limit } => (
+            ErrorReason::MessageTooLarge,
+            vec![
+                ("size".into(), size.to_string()),
+                ("max_message_bytes".into(), limit.to_string()),
+            ],
+        ),
+        E::CorruptMessage(_) => (ErrorReason::CorruptMessage, vec![]),
+        E::OffsetOutOfRange {
+            log_start_offset,
+            high_watermark,
+            ..
+        } => (
+            ErrorReason::OffsetOutOfRange,
+            vec![
+                ("log_start_offset".into(), log_start_offset.to_string()),
+                ("high_watermark".into(), high_watermark.to_string()),
+            ],
+        ),
+        E::NotEnoughReplicas { isr, min } => (
+            ErrorReason::NotEnoughReplicas,
+            vec![
+                ("isr".into(), isr.to_string()),
+                ("min_insync_replicas".into(), min.to_string()),
+            ],
+        ),
+        E::RequestTimedOut(_) => (ErrorReason::RequestTimedOut, vec![]),
+        E::InvalidRequest(_) => (ErrorReason::InvalidRequest, vec![]),
+        E::Storage(_) => (ErrorReason::StorageError, vec![]),
+        E::ShuttingDown => (ErrorReason::ShuttingDown, vec![]),
+        E::Internal(_) => (ErrorReason::Internal, vec![]),
+    }
+}
+
+/// A broker error as a gRPC status with its reason in an `ErrorInfo` detail.
+pub fn to_status(e: &BrokerError) -> Status {
+    let (r, md) = reason(e);
+    sluice_proto::status(r, e.to_string(), md)
+}
+
+/// A broker error as an in-message failure (stream items, fetch partitions).
+pub fn to_error(e: &BrokerError) -> v1::Error {
+    let (r, md) = reason(e);
+    sluice_proto::error_message(r, e.to_string(), md)
+}
+
+/// A partition number from the wire.
+fn partition_number(p: i32) -> i64 {
+    i64::from(p)
+}

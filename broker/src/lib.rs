@@ -1,0 +1,224 @@
+//! The Sluice broker as a library: [`Broker::start`] runs a whole broker on a listener
+//! you bind, until a shutdown future you choose completes. `main.rs` only parses flags;
+//! tests and users embed real brokers the same way:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use sluice_broker::{Broker, BrokerConfig};
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let config = BrokerConfig { data_dir: "/tmp/sluice-test".into(), ..BrokerConfig::default() };
+//! let broker = Broker::start(config, listener, std::future::pending()).await?;
+//! println!("broker on {}", broker.local_addr());
+//! broker.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod partition;
+pub mod topic;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_log_store::LogManager;
+use sluice_proto::v1::admin_service_server::AdminServiceServer;
+use sluice_proto::v1::fetch_service_server::FetchServiceServer;
+use sluice_proto::v1::produce_service_server::ProduceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{BrokerArgs, BrokerConfig};
+pub use error::BrokerError;
+
+use grpc::admin::AdminSvc;
+use grpc::fetch::FetchSvc;
+use grpc::produce::ProduceSvc;
+use grpc::Context;
+use topic::manager::{TopicDefaults, Topics};
+
+/// Largest gRPC message accepted or sent (a produce carries one batch; a fetch many).
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// How long in-flight requests may take to finish once shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts brokers.
+#[derive(Debug)]
+pub struct Broker;
+
+/// A running broker.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: JoinHandle<Result<(), BrokerError>>,
+}
+
+impl BrokerHandle {
+    /// The address the broker listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, finishes in-flight requests, flushes and closes every log.
+    pub async fn shutdown(mut self) -> Result<(), BrokerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the broker stops (its shutdown future completed).
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        self.done
+            .await
+            .map_err(|e| BrokerError::Internal(format!("broker task failed: {e}")))?
+    }
+}
+
+impl Broker {
+    /// Opens the data directory, loads topics, and serves the gRPC API on `listener`
+    /// until `shutdown` completes (or [`BrokerHandle::shutdown`] is called).
+    pub async fn start(
+        config: BrokerConfig,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<BrokerHandle, BrokerError> {
+        config.validate().map_err(BrokerError::InvalidConfig)?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| BrokerError::Storage(format!("listener address: {e}")))?;
+        let manager = Arc::new(LogManager::open(&config.data_dir)?);
+        let cluster_id = load_cluster_id(&config.data_dir)?;
+        let defaults = TopicDefaults {
+            config: config.topic_config().map_err(BrokerError::InvalidConfig)?,
+            partitions: config.default_partitions,
+            replication_factor: config.default_replication_factor,
+            brokers: 1,
+        };
+        let topics = Topics::start(manager, defaults)?;
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(Context {
+            config,
+            topics: topics.clone(),
+            cluster_id,
+            stopping,
+        });
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+
+        let produce = ProduceServiceServer::new(ProduceSvc::new(Arc::clone(&ctx)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let fetch = FetchServiceServer::new(FetchSvc::new(Arc::clone(&ctx)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let admin = AdminServiceServer::new(AdminSvc::new(Arc::clone(&ctx)));
+
+        // A single node is part of its cluster as soon as its topics are open.
+        health_reporter
+            .set_serving::<ProduceServiceServer<ProduceSvc>>()
+            .await;
+        health_reporter
+            .set_serving::<FetchServiceServer<FetchSvc>>()
+            .await;
+        health_reporter
+            .set_serving::<AdminServiceServer<AdminSvc>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let stopping_tx = Arc::new(stopping_tx);
+        let stop = {
+            let stopping_tx = Arc::clone(&stopping_tx);
+            async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    _ = stop_rx => {}
+                }
+                stopping_tx.send_replace(true);
+            }
+        };
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(produce)
+            .add_service(fetch)
+            .add_service(admin);
+        let incoming = TcpListenerStream::new(listener);
+        tracing::info!(address = %local_addr, node_id = ctx.config.node_id, data_dir = %ctx.config.data_dir.display(), "sluice broker started");
+        let done = tokio::spawn(async move {
+            let serve = server.serve_with_incoming_shutdown(incoming, stop);
+            let mut stopping = stopping_tx.subscribe();
+            // In-flight requests get a grace period; then the connections are dropped.
+            let grace = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            let served = tokio::select! {
+                r = serve => r,
+                () = grace => {
+                    tracing::warn!("requests still open after the grace period; closing them");
+                    Ok(())
+                }
+            };
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            // In-flight requests are done; close every log cleanly.
+            topics.shutdown().await;
+            tracing::info!("sluice broker stopped");
+            served.map_err(|e| BrokerError::Internal(format!("gRPC server: {e}")))
+        });
+        Ok(BrokerHandle {
+            local_addr,
+            stop: Some(stop_tx),
+            done,
+        })
+    }
+}
+
+/// Reads the cluster id from the data directory, making one on first start.
+fn load_cluster_id(data_dir: &Path) -> Result<String, BrokerError> {
+    let path = data_dir.join("cluster.id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) => return Ok(id.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BrokerError::Storage(format!("{}: {e}", path.display()))),
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mixed = nanos ^ (u128::from(std::process::id()) << 64);
+    let id = format!(
+        "{:032x}",
+        mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+    );
+    std::fs::write(&path, &id)
+        .map_err(|e| BrokerError::Storage(format!("{}: {e}", path.display())))?;
+    Ok(id)
+}
