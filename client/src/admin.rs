@@ -1,0 +1,217 @@
+//! `Admin`: topics, offsets and the cluster, one call each.
+
+use std::collections::BTreeMap;
+
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::fetch_service_client::FetchServiceClient;
+use sluice_proto::v1::{
+    offset_query, AlterTopicConfigRequest, CreatePartitionsRequest, CreateTopicRequest,
+    DeleteTopicRequest, DescribeClusterRequest, DescribeClusterResponse, DescribeTopicsRequest,
+    ListOffsetsRequest, ListTopicsRequest, OffsetQuery, TopicDescription, TopicListing,
+};
+use tonic::transport::Channel;
+
+use crate::connection::{connect, MAX_MESSAGE_BYTES};
+use crate::error::{ClientError, Result};
+
+/// Which offset to look up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The log start offset.
+    Earliest,
+    /// The high watermark.
+    Latest,
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// A topic to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewTopic {
+    /// Name.
+    pub name: String,
+    /// Partitions (0: the broker's default).
+    pub partitions: u32,
+    /// Replication factor (0: the broker's default).
+    pub replication_factor: u32,
+    /// Config overrides, Kafka keys.
+    pub configs: BTreeMap<String, String>,
+}
+
+impl NewTopic {
+    /// A topic with `partitions` partitions and the broker's other defaults.
+    pub fn new(name: impl Into<String>, partitions: u32) -> Self {
+        NewTopic {
+            name: name.into(),
+            partitions,
+            ..NewTopic::default()
+        }
+    }
+
+    /// Sets a config override.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.configs.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// Administers a cluster.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    admin: AdminServiceClient<Channel>,
+    fetch: FetchServiceClient<Channel>,
+}
+
+impl Admin {
+    /// Connects to the first reachable broker of `brokers`.
+    pub async fn connect(brokers: &str) -> Result<Admin> {
+        Ok(Admin::with_channel(connect(brokers).await?))
+    }
+
+    /// Uses an existing channel.
+    pub fn with_channel(channel: Channel) -> Admin {
+        Admin {
+            admin: AdminServiceClient::new(channel.clone()),
+            fetch: FetchServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+
+    /// Creates a topic and returns its description.
+    pub async fn create_topic(&self, topic: NewTopic) -> Result<TopicDescription> {
+        let resp = self
+            .admin
+            .clone()
+            .create_topic(CreateTopicRequest {
+                name: topic.name,
+                partitions: to_i32(topic.partitions)?,
+                replication_factor: to_i32(topic.replication_factor)?,
+                configs: topic.configs.into_iter().collect(),
+                validate_only: false,
+            })
+            .await?
+            .into_inner();
+        resp.topic
+            .ok_or_else(|| ClientError::Batch("create answered without a topic".into()))
+    }
+
+    /// Every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicListing>> {
+        Ok(self
+            .admin
+            .clone()
+            .list_topics(ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics)
+    }
+
+    /// Describes the named topics (all when `names` is empty).
+    pub async fn describe_topics(&self, names: &[String]) -> Result<Vec<TopicDescription>> {
+        Ok(self
+            .admin
+            .clone()
+            .describe_topics(DescribeTopicsRequest {
+                names: names.to_vec(),
+            })
+            .await?
+            .into_inner()
+            .topics)
+    }
+
+    /// Describes one topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        self.describe_topics(&[name.to_string()])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Batch(format!("no description of {name}")))
+    }
+
+    /// Deletes a topic and its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.admin
+            .clone()
+            .delete_topic(DeleteTopicRequest { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// Grows a topic to `total` partitions.
+    pub async fn create_partitions(&self, name: &str, total: u32) -> Result<()> {
+        self.admin
+            .clone()
+            .create_partitions(CreatePartitionsRequest {
+                name: name.into(),
+                total_count: to_i32(total)?,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sets and removes config overrides.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        delete: Vec<String>,
+    ) -> Result<()> {
+        self.admin
+            .clone()
+            .alter_topic_config(AlterTopicConfigRequest {
+                name: name.into(),
+                set: set.into_iter().collect(),
+                delete,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Brokers and controller.
+    pub async fn describe_cluster(&self) -> Result<DescribeClusterResponse> {
+        Ok(self
+            .admin
+            .clone()
+            .describe_cluster(DescribeClusterRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Looks up one offset per partition; answers in the same order.
+    pub async fn list_offsets(
+        &self,
+        queries: &[(String, u32, OffsetSpec)],
+    ) -> Result<Vec<(u64, i64)>> {
+        let queries = queries
+            .iter()
+            .map(|(topic, partition, spec)| {
+                Ok(OffsetQuery {
+                    topic: topic.clone(),
+                    partition: to_i32(*partition)?,
+                    spec: Some(match spec {
+                        OffsetSpec::Earliest => offset_query::Spec::Earliest(true),
+                        OffsetSpec::Latest => offset_query::Spec::Latest(true),
+                        OffsetSpec::Timestamp(t) => offset_query::Spec::TimestampMs(*t),
+                    }),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let answers = self
+            .fetch
+            .clone()
+            .list_offsets(ListOffsetsRequest { queries })
+            .await?
+            .into_inner()
+            .answers;
+        answers
+            .into_iter()
+            .map(|a| match &a.error {
+                Some(e) => Err(ClientError::from(e)),
+                None => Ok((a.offset.max(0) as u64, a.timestamp_ms)),
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn to_i32(v: u32) -> Result<i32> {
+    i32::try_from(v).map_err(|_| ClientError::InvalidArgument(format!("{v} is too large")))
+}

@@ -1,0 +1,313 @@
+//! `sluice bench produce|consume`: load tools in the manner of Kafka's perf-test tools.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use serde_json::json;
+use sluice_client::{
+    Acks, Admin, Compression, Consumer, ConsumerConfig, DeliveryFuture, ErrorReason, NewTopic,
+    OffsetReset, Producer, ProducerConfig, ProducerRecord,
+};
+use tokio::sync::mpsc;
+
+use crate::output::{print_json, Output};
+use crate::produce::{parse_acks, parse_compression};
+use crate::{CliError, Global};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Send records as fast as allowed and report throughput and latency.
+    Produce(ProduceBench),
+    /// Read a topic from the beginning and report throughput.
+    Consume(ConsumeBench),
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceBench {
+    /// Topic (created with --partitions if missing).
+    #[arg(long)]
+    topic: String,
+    /// Records to send in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Bytes per record value (half random, half repeated).
+    #[arg(long, default_value_t = 100)]
+    record_size: usize,
+    /// Acknowledgement: 0, 1 or all.
+    #[arg(long, default_value = "1", value_parser = parse_acks)]
+    acks: Acks,
+    /// Independent producers (connections), sending in parallel.
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Batch size in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    batch_size: usize,
+    /// Linger in ms.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    /// Batches in flight per producer.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Compression: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    compression: Compression,
+    /// Cap on records per second across producers (0: as fast as possible). Latency is
+    /// then timed from each record's scheduled send.
+    #[arg(long, default_value_t = 0)]
+    throughput: u64,
+    /// Partitions when the topic has to be created.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Config for a topic that has to be created, `key=value` (repeatable).
+    #[arg(long = "topic-config")]
+    topic_configs: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeBench {
+    /// Topic to read.
+    #[arg(long)]
+    topic: String,
+    /// Stop after this many records (default: when no new record arrives for the timeout).
+    #[arg(long)]
+    records: Option<u64>,
+    /// Stop when no new record arrived for this long (ms).
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
+    /// Bytes per partition per fetch.
+    #[arg(long, default_value_t = 4 << 20)]
+    partition_fetch_bytes: u32,
+}
+
+pub async fn run(global: &Global, cmd: BenchCommand) -> Result<(), CliError> {
+    match cmd {
+        BenchCommand::Produce(args) => produce(global, args).await,
+        BenchCommand::Consume(args) => consume(global, args).await,
+    }
+}
+
+/// Distinct payloads, half random bytes, so compression and caches see realistic data.
+fn payloads(size: usize, count: usize) -> Vec<Bytes> {
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..count)
+        .map(|_| {
+            let mut v = Vec::with_capacity(size);
+            for i in 0..size {
+                if i < size / 2 {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    v.push(state as u8);
+                } else {
+                    v.push(b'a' + (i % 26) as u8);
+                }
+            }
+            Bytes::from(v)
+        })
+        .collect()
+}
+
+async fn ensure_topic(global: &Global, args: &ProduceBench) -> Result<(), CliError> {
+    let admin = Admin::connect(&global.brokers).await?;
+    match admin.describe_topic(&args.topic).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.reason() == Some(ErrorReason::UnknownTopicOrPartition) => {
+            admin
+                .create_topic(NewTopic {
+                    name: args.topic.clone(),
+                    partitions: args.partitions,
+                    replication_factor: 0,
+                    configs: crate::parse_pairs(&args.topic_configs)?,
+                })
+                .await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[idx.min(sorted.len() - 1)]) / 1000.0
+}
+
+async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
+    if args.producers == 0 || args.records == 0 {
+        return Err(CliError::Usage(
+            "--producers and --records must be positive".into(),
+        ));
+    }
+    ensure_topic(global, &args).await?;
+    let pool = payloads(args.record_size, 1024);
+    let per_producer = args.records / u64::from(args.producers);
+    let extra = args.records % u64::from(args.producers);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..args.producers {
+        let n = per_producer + u64::from(u64::from(i) < extra);
+        let producer = Producer::connect(ProducerConfig {
+            brokers: global.brokers.clone(),
+            acks: args.acks,
+            batch_size: args.batch_size,
+            linger: Duration::from_millis(args.linger_ms),
+            max_in_flight: args.max_in_flight,
+            compression: args.compression,
+            ..ProducerConfig::default()
+        })
+        .await?;
+        let pool = pool.clone();
+        let topic = args.topic.clone();
+        // Each producer gets its share of the rate.
+        let interval = (args.throughput > 0)
+            .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.throughput as f64));
+        tasks.push(tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel::<(Instant, DeliveryFuture)>(1 << 16);
+            let waiter = tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(n as usize);
+                let mut failed = 0u64;
+                let mut first_error = None;
+                while let Some((sent, d)) = rx.recv().await {
+                    match d.await {
+                        Ok(_) => {
+                            lat.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                (lat, failed, first_error)
+            });
+            let begin = Instant::now();
+            for j in 0..n {
+                let scheduled = match interval {
+                    Some(iv) => {
+                        let at = begin + iv.mul_f64(j as f64);
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                let value = pool[(j as usize) % pool.len()].clone();
+                let d = producer
+                    .send(ProducerRecord {
+                        topic: topic.clone(),
+                        value: Some(value),
+                        ..ProducerRecord::default()
+                    })
+                    .await?;
+                if tx.send((scheduled, d)).await.is_err() {
+                    break;
+                }
+            }
+            producer.flush().await?;
+            drop(tx);
+            waiter
+                .await
+                .map_err(|e| sluice_client::ClientError::Batch(format!("waiter: {e}")))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let (lat, f, e) = t
+            .await
+            .map_err(|e| CliError::Usage(format!("producer task failed: {e}")))??;
+        latencies.extend(lat);
+        failed += f;
+        if first_error.is_none() {
+            first_error = e;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let acked = latencies.len() as u64;
+    let rps = acked as f64 / secs;
+    let mbps = rps * args.record_size as f64 / 1e6;
+    let (p50, p99, p999, max) = (
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        percentile(&latencies, 1.0),
+    );
+    match global.output {
+        Output::Json => print_json(&json!({
+            "records": acked,
+            "failed": failed,
+            "seconds": secs,
+            "records_per_sec": rps,
+            "mb_per_sec": mbps,
+            "record_size": args.record_size,
+            "producers": args.producers,
+            "acks": format!("{:?}", args.acks),
+            "latency_ms": { "p50": p50, "p99": p99, "p99_9": p999, "max": max },
+        })),
+        Output::Table => println!(
+            "{acked} records sent in {secs:.2} s: {rps:.0} records/s ({mbps:.1} MB/s), \
+             latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms"
+        ),
+    }
+    match first_error {
+        Some(e) => Err(CliError::Usage(format!(
+            "{failed} records failed; first error: {e}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+async fn consume(global: &Global, args: ConsumeBench) -> Result<(), CliError> {
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        brokers: global.brokers.clone(),
+        auto_offset_reset: OffsetReset::Earliest,
+        max_partition_fetch_bytes: args.partition_fetch_bytes,
+        ..ConsumerConfig::default()
+    })
+    .await?;
+    consumer.assign_topic(&args.topic).await?;
+    consumer.seek_to_beginning().await?;
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let mut records = 0u64;
+    let mut bytes = 0u64;
+    let mut finished = started;
+    loop {
+        if args.records.is_some_and(|n| records >= n) {
+            break;
+        }
+        if last.elapsed() >= Duration::from_millis(args.timeout_ms) {
+            break;
+        }
+        let batch = consumer.poll(Duration::from_millis(200)).await?;
+        if !batch.is_empty() {
+            last = Instant::now();
+            records += batch.len() as u64;
+            bytes += batch
+                .iter()
+                .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
+                .sum::<u64>();
+            finished = last;
+        }
+    }
+    let secs = finished.duration_since(started).as_secs_f64().max(1e-9);
+    let rps = records as f64 / secs;
+    let mbps = bytes as f64 / secs / 1e6;
+    match global.output {
+        Output::Json => print_json(&json!({
+            "records": records,
+            "bytes": bytes,
+            "seconds": secs,
+            "records_per_sec": rps,
+            "mb_per_sec": mbps,
+        })),
+        Output::Table => println!(
+            "{records} records ({bytes} value bytes) read in {secs:.2} s: {rps:.0} records/s ({mbps:.1} MB/s)"
+        ),
+    }
+    Ok(())
+}
