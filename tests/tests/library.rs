@@ -1,0 +1,408 @@
+//! End to end through the client library against real brokers over gRPC on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_client::{
+    Acks, Admin, ClientError, Consumer, ConsumerConfig, ErrorReason, NewTopic, OffsetReset,
+    Producer, ProducerConfig, ProducerRecord,
+};
+use sluice_log_store::{Compression, RecordBatchBuilder};
+use sluice_proto::v1::fetch_service_client::FetchServiceClient;
+use sluice_proto::v1::produce_service_client::ProduceServiceClient;
+use sluice_proto::v1::{FetchPartition, FetchRequest, ProduceRequest};
+use sluice_tests::broker::InProcessBroker;
+use tonic::Code;
+
+fn producer_config(addr: &str) -> ProducerConfig {
+    ProducerConfig {
+        brokers: addr.to_string(),
+        ..ProducerConfig::default()
+    }
+}
+
+fn consumer_config(addr: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        brokers: addr.to_string(),
+        auto_offset_reset: OffsetReset::Earliest,
+        ..ConsumerConfig::default()
+    }
+}
+
+async fn consume_n(consumer: &mut Consumer, n: usize) -> Vec<sluice_client::ConsumerRecord> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records arrived",
+            out.len()
+        );
+        out.extend(
+            consumer
+                .poll(Duration::from_millis(500))
+                .await
+                .expect("poll"),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_round_trip_in_per_key_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("orders", 3))
+        .await
+        .expect("create");
+
+    let producer = Producer::connect(producer_config(&addr))
+        .await
+        .expect("producer");
+    let mut deliveries = Vec::new();
+    for i in 0..5000u32 {
+        let key = format!("customer-{}", i % 50);
+        let value = format!("{key}:{i}");
+        let d = producer
+            .send(ProducerRecord::new("orders", value).key(key.clone()))
+            .await
+            .expect("send");
+        deliveries.push((key, d));
+    }
+    producer.flush().await.expect("flush");
+    let mut partition_of_key: HashMap<String, u32> = HashMap::new();
+    for (key, d) in deliveries {
+        let meta = d.await.expect("delivered");
+        assert!(meta.offset.is_some());
+        let p = *partition_of_key.entry(key).or_insert(meta.partition);
+        assert_eq!(p, meta.partition, "one key, one partition");
+    }
+    let used: std::collections::HashSet<_> = partition_of_key.values().collect();
+    assert!(used.len() > 1, "keys spread over partitions");
+
+    let mut consumer = Consumer::connect(consumer_config(&addr))
+        .await
+        .expect("consumer");
+    consumer.assign_topic("orders").await.expect("assign");
+    let records = consume_n(&mut consumer, 5000).await;
+    assert_eq!(records.len(), 5000);
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for r in &records {
+        let value = String::from_utf8(r.value.clone().expect("value").to_vec()).expect("utf8");
+        let (key, seq) = value.split_once(':').expect("key:seq");
+        assert_eq!(r.key.as_deref(), Some(key.as_bytes()));
+        assert_eq!(partition_of_key[key], r.partition);
+        let seq: i64 = seq.parse().expect("seq");
+        let prev = last_seq.insert(key.to_string(), seq).unwrap_or(-1);
+        assert!(seq > prev, "per-key order: {key} saw {seq} after {prev}");
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_wakes_on_new_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    Admin::connect(&addr)
+        .await
+        .expect("admin")
+        .create_topic(NewTopic::new("wake", 1))
+        .await
+        .expect("create");
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        fetch_max_wait: Duration::from_secs(20),
+        ..consumer_config(&addr)
+    })
+    .await
+    .expect("consumer");
+    consumer.assign([("wake".to_string(), 0)]);
+    consumer.seek_to_end().await.expect("seek");
+    let started = Instant::now();
+    let poll = tokio::spawn(async move {
+        let r = consumer.poll(Duration::from_secs(20)).await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let producer = Producer::connect(producer_config(&addr))
+        .await
+        .expect("producer");
+    producer
+        .send(ProducerRecord::new("wake", "ping"))
+        .await
+        .expect("send")
+        .await
+        .expect("delivered");
+    let (records, waited) = tokio::time::timeout(Duration::from_secs(25), poll)
+        .await
+        .expect("poll returns")
+        .expect("join");
+    let records = records.expect("poll ok");
+    assert_eq!(records.len(), 1);
+    assert!(
+        waited >= Duration::from_millis(250),
+        "it really waited: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "woke on data, not the timeout: {waited:?}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_long_poll_waits_its_time_and_returns_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    Admin::connect(&addr)
+        .await
+        .expect("admin")
+        .create_topic(NewTopic::new("idle", 1))
+        .await
+        .expect("create");
+    let mut fetch = FetchServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let resp = fetch
+        .fetch(FetchRequest {
+            partitions: vec![FetchPartition {
+                topic: "idle".into(),
+                partition: 0,
+                fetch_offset: 0,
+                partition_max_bytes: 0,
+            }],
+            max_wait_ms: 700,
+            min_bytes: 1,
+            max_bytes: 0,
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    let waited = started.elapsed();
+    assert!(resp.partitions[0].records.is_empty());
+    assert!(waited >= Duration::from_millis(650), "{waited:?}");
+    broker.stop().await;
+}
+
+fn expect_reason(err: ClientError, reason: ErrorReason, code: Code) -> ClientError {
+    match &err {
+        ClientError::Broker {
+            reason: r, code: c, ..
+        } => {
+            assert_eq!((*r, *c), (reason, code), "{err}");
+        }
+        other => panic!("expected {reason:?}, got {other:?}"),
+    }
+    err
+}
+
+fn batch(n: u32, value_size: usize) -> Bytes {
+    let mut b = RecordBatchBuilder::new(Compression::None);
+    let v = vec![b'x'; value_size];
+    for _ in 0..n {
+        b.append(1, None, Some(&v), &[]);
+    }
+    b.build().expect("build")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_reason_comes_from_a_real_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("t", 1).config("max.message.bytes", "2048"))
+        .await
+        .expect("create");
+
+    let err = admin
+        .create_topic(NewTopic::new("t", 1))
+        .await
+        .expect_err("exists");
+    expect_reason(err, ErrorReason::TopicExists, Code::AlreadyExists);
+    let err = admin
+        .create_topic(NewTopic::new("bad/name", 1))
+        .await
+        .expect_err("name");
+    expect_reason(err, ErrorReason::InvalidTopic, Code::InvalidArgument);
+    let err = admin
+        .create_topic(NewTopic::new("cfg", 1).config("retention.ms", "soon"))
+        .await
+        .expect_err("config");
+    expect_reason(err, ErrorReason::InvalidConfig, Code::InvalidArgument);
+    let err = admin
+        .create_topic(NewTopic {
+            replication_factor: 3,
+            ..NewTopic::new("rf", 1)
+        })
+        .await
+        .expect_err("rf");
+    expect_reason(
+        err,
+        ErrorReason::InvalidReplicationFactor,
+        Code::InvalidArgument,
+    );
+    let err = admin.create_partitions("t", 1).await.expect_err("shrink");
+    expect_reason(err, ErrorReason::InvalidPartitions, Code::InvalidArgument);
+    let err = admin.describe_topic("nope").await.expect_err("unknown");
+    expect_reason(err, ErrorReason::UnknownTopicOrPartition, Code::NotFound);
+
+    let mut produce = ProduceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let req = |topic: &str, partition: i32, records: Bytes| ProduceRequest {
+        topic: topic.into(),
+        partition,
+        records,
+        acks: 0,
+        timeout_ms: 0,
+    };
+    let err = produce
+        .produce(req("nope", 0, batch(1, 10)))
+        .await
+        .expect_err("unknown topic");
+    expect_reason(
+        err.into(),
+        ErrorReason::UnknownTopicOrPartition,
+        Code::NotFound,
+    );
+    let err = produce
+        .produce(req("t", 7, batch(1, 10)))
+        .await
+        .expect_err("unknown partition");
+    expect_reason(
+        err.into(),
+        ErrorReason::UnknownTopicOrPartition,
+        Code::NotFound,
+    );
+    let err = produce
+        .produce(req("t", 0, batch(10, 500)))
+        .await
+        .expect_err("too large");
+    let err = expect_reason(
+        err.into(),
+        ErrorReason::MessageTooLarge,
+        Code::InvalidArgument,
+    );
+    assert_eq!(err.metadata_u64("max_message_bytes"), Some(2048));
+    let mut corrupt = batch(3, 10).to_vec();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let err = produce
+        .produce(req("t", 0, Bytes::from(corrupt)))
+        .await
+        .expect_err("corrupt");
+    expect_reason(
+        err.into(),
+        ErrorReason::CorruptMessage,
+        Code::InvalidArgument,
+    );
+    let err = produce
+        .produce(req("t", 0, Bytes::from_static(b"not a batch")))
+        .await
+        .expect_err("garbage");
+    expect_reason(
+        err.into(),
+        ErrorReason::CorruptMessage,
+        Code::InvalidArgument,
+    );
+
+    // Nothing above reached the log.
+    let ok = produce
+        .produce(req("t", 0, batch(4, 10)))
+        .await
+        .expect("good batch")
+        .into_inner();
+    assert_eq!((ok.base_offset, ok.last_offset), (0, 3));
+
+    let mut fetch = FetchServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let resp = fetch
+        .fetch(FetchRequest {
+            partitions: vec![FetchPartition {
+                topic: "t".into(),
+                partition: 0,
+                fetch_offset: 99,
+                partition_max_bytes: 0,
+            }],
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_bytes: 0,
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    let err = ClientError::from(resp.partitions[0].error.as_ref().expect("error"));
+    let err = expect_reason(err, ErrorReason::OffsetOutOfRange, Code::OutOfRange);
+    assert_eq!(err.metadata_u64("log_start_offset"), Some(0));
+    assert_eq!(err.metadata_u64("high_watermark"), Some(4));
+
+    // min.insync.replicas above what one node can give: acks=all is refused, nothing written.
+    admin
+        .create_topic(NewTopic::new("strict", 1).config("min.insync.replicas", "2"))
+        .await
+        .expect("create strict");
+    let mut all = req("strict", 0, batch(2, 10));
+    all.acks = sluice_proto::v1::Acks::All as i32;
+    let err = produce.produce(all).await.expect_err("not enough replicas");
+    expect_reason(
+        err.into(),
+        ErrorReason::NotEnoughReplicas,
+        Code::Unavailable,
+    );
+    let d = admin.describe_topic("strict").await.expect("describe");
+    assert_eq!(d.partitions[0].log_end_offset, 0, "nothing half-written");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_and_records_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("keep", 2).config("retention.ms", "3d"))
+        .await
+        .expect("create");
+    let producer = Producer::connect(ProducerConfig {
+        acks: Acks::All,
+        ..producer_config(&addr)
+    })
+    .await
+    .expect("producer");
+    for i in 0..100 {
+        producer
+            .send(ProducerRecord::new("keep", format!("v{i}")).partition(i % 2))
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+    drop(producer);
+    broker.stop().await;
+
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    let d = admin.describe_topic("keep").await.expect("describe");
+    assert_eq!(d.partitions.len(), 2);
+    assert_eq!(d.configs["retention.ms"], "259200000");
+    assert_eq!(
+        d.partitions.iter().map(|p| p.high_watermark).sum::<i64>(),
+        100
+    );
+    let mut consumer = Consumer::connect(consumer_config(&addr))
+        .await
+        .expect("consumer");
+    consumer.assign_topic("keep").await.expect("assign");
+    assert_eq!(consume_n(&mut consumer, 100).await.len(), 100);
+    broker.stop().await;
+}
