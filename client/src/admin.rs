@@ -112,6 +112,7 @@ impl Admin {
             .clone()
             .describe_topics(DescribeTopicsRequest {
                 names: names.to_vec(),
+                allow_auto_create: false,
             })
             .await?
             .into_inner()
@@ -122,6 +123,23 @@ impl Admin {
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
         self.describe_topics(&[name.to_string()])
             .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Batch(format!("no description of {name}")))
+    }
+
+    /// Describes one topic for a producer: a broker that auto-creates topics creates it
+    /// if it does not exist.
+    pub(crate) async fn describe_topic_for_produce(&self, name: &str) -> Result<TopicDescription> {
+        self.admin
+            .clone()
+            .describe_topics(DescribeTopicsRequest {
+                names: vec![name.to_string()],
+                allow_auto_create: true,
+            })
+            .await?
+            .into_inner()
+            .topics
             .into_iter()
             .next()
             .ok_or_else(|| ClientError::Batch(format!("no description of {name}")))

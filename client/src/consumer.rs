@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_log_store::{BatchIter, Header};
 use sluice_proto::v1::fetch_service_client::FetchServiceClient;
-use sluice_proto::v1::{FetchPartition, FetchRequest};
+use sluice_proto::v1::{FetchPartition, FetchRequest, FetchResponse};
 use sluice_proto::ErrorReason;
 use tonic::transport::Channel;
 
@@ -88,6 +88,124 @@ pub struct Consumer {
     positions: BTreeMap<TopicPartition, Option<u64>>,
     /// High watermarks seen in the last fetch.
     high_watermarks: BTreeMap<TopicPartition, u64>,
+    /// The next fetch, sent while the caller works through the last one's records.
+    prefetch: Option<Prefetch>,
+}
+
+/// A fetch in flight and the positions it asked for; used only if they are still the
+/// consumer's positions when it is wanted (a seek or assign makes it stale).
+#[derive(Debug)]
+struct Prefetch {
+    positions: Vec<(TopicPartition, u64)>,
+    handle: tokio::task::JoinHandle<std::result::Result<FetchResponse, tonic::Status>>,
+}
+
+/// A fetch's answer, decoded.
+#[derive(Debug, Default)]
+struct Fetched {
+    records: Vec<ConsumerRecord>,
+    /// Per partition that answered: the next position and the high watermark.
+    progress: Vec<(TopicPartition, u64, u64)>,
+    /// Partitions whose position is gone, to be reset by `auto.offset.reset`.
+    out_of_range: Vec<TopicPartition>,
+}
+
+/// Where each partition of `want` will be after `resp`, read from its batch headers
+/// alone; `None` when the answer moved nothing or carries an error (then there is
+/// nothing to prefetch, or the error must be handled first).
+fn positions_after(
+    resp: &FetchResponse,
+    want: &[(TopicPartition, u64)],
+) -> Option<Vec<(TopicPartition, u64)>> {
+    let mut next = want.to_vec();
+    let mut moved = false;
+    for p in &resp.partitions {
+        if p.error.is_some() {
+            return None;
+        }
+        let tp = (p.topic.clone(), p.partition.max(0) as u32);
+        let Ok(i) = next.binary_search_by(|(t, _)| t.cmp(&tp)) else {
+            continue;
+        };
+        let last = BatchIter::new(p.records.clone())
+            .map_while(std::result::Result::ok)
+            .last();
+        if let Some(batch) = last {
+            let after = batch.header().last_offset() + 1;
+            if after > next[i].1 {
+                next[i].1 = after;
+                moved = true;
+            }
+        }
+    }
+    moved.then_some(next)
+}
+
+/// Checks and decodes a fetch's batches, keeping records at or after each partition's
+/// position in `want` (sorted, as `Consumer::wanted` gives it).
+fn decode(
+    resp: FetchResponse,
+    want: &[(TopicPartition, u64)],
+    reset: OffsetReset,
+) -> Result<Fetched> {
+    let mut fetched = Fetched::default();
+    for p in resp.partitions {
+        let tp = (p.topic, p.partition.max(0) as u32);
+        if let Some(e) = &p.error {
+            let err = ClientError::from(e);
+            if err.reason() == Some(ErrorReason::OffsetOutOfRange) && reset != OffsetReset::None {
+                fetched.out_of_range.push(tp);
+                continue;
+            }
+            return Err(err);
+        }
+        let Ok(i) = want.binary_search_by(|(t, _)| t.cmp(&tp)) else {
+            continue;
+        };
+        let mut position = want[i].1;
+        let topic: Arc<str> = Arc::from(tp.0.as_str());
+        for batch in BatchIter::new(p.records) {
+            let batch = batch?;
+            if batch.header().last_offset() < position {
+                continue;
+            }
+            if !batch.crc_ok() {
+                return Err(ClientError::Batch(format!(
+                    "batch at offset {} of {}-{} failed its CRC check",
+                    batch.header().base_offset,
+                    tp.0,
+                    tp.1
+                )));
+            }
+            for r in batch.records()? {
+                if r.offset < position {
+                    continue;
+                }
+                position = r.offset + 1;
+                fetched.records.push(ConsumerRecord {
+                    topic: Arc::clone(&topic),
+                    partition: tp.1,
+                    offset: r.offset,
+                    timestamp: r.timestamp,
+                    key: r.key,
+                    value: r.value,
+                    headers: r.headers,
+                });
+            }
+        }
+        fetched
+            .progress
+            .push((tp, position, p.high_watermark.max(0) as u64));
+    }
+    Ok(fetched)
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(p) = self.prefetch.take() {
+            p.handle.abort();
+        }
+    }
 }
 
 impl Consumer {
@@ -101,6 +219,7 @@ impl Consumer {
             config,
             positions: BTreeMap::new(),
             high_watermarks: BTreeMap::new(),
+            prefetch: None,
         })
     }
 
@@ -213,83 +332,79 @@ impl Consumer {
             tokio::time::sleep(timeout).await;
             return Ok(Vec::new());
         }
-        let partitions = self
-            .positions
+        let want = self.wanted();
+        let resp = match self.prefetch.take() {
+            Some(mut p) if p.positions == want => {
+                match tokio::time::timeout(timeout, &mut p.handle).await {
+                    Ok(joined) => {
+                        joined.map_err(|e| ClientError::Batch(format!("fetch task: {e}")))??
+                    }
+                    Err(_) => {
+                        // Still long-polling: keep it for the next poll.
+                        self.prefetch = Some(p);
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+            stale => {
+                if let Some(p) = stale {
+                    p.handle.abort();
+                }
+                let request = self.request(&want, timeout.min(self.config.fetch_max_wait))?;
+                self.fetch.fetch(request).await?.into_inner()
+            }
+        };
+        if let Some(next) = positions_after(&resp, &want) {
+            // Catching up: send the next fetch before decoding this one, so the broker and
+            // the network work while this answer is decoded and processed (Kafka's
+            // consumer prefetches the same way).
+            let request = self.request(&next, self.config.fetch_max_wait)?;
+            let mut client = self.fetch.clone();
+            self.prefetch = Some(Prefetch {
+                positions: next,
+                handle: tokio::spawn(
+                    async move { client.fetch(request).await.map(|r| r.into_inner()) },
+                ),
+            });
+        }
+        let fetched = decode(resp, &want, self.config.auto_offset_reset)?;
+        for (tp, position, high_watermark) in fetched.progress {
+            self.high_watermarks.insert(tp.clone(), high_watermark);
+            if let Some(p) = self.positions.get_mut(&tp) {
+                *p = Some(position);
+            }
+        }
+        if !fetched.out_of_range.is_empty() {
+            self.reset(fetched.out_of_range).await?;
+        }
+        Ok(fetched.records)
+    }
+
+    /// Every assigned partition with a known position, in order.
+    fn wanted(&self) -> Vec<(TopicPartition, u64)> {
+        self.positions
             .iter()
-            .map(|((topic, partition), pos)| {
+            .filter_map(|(tp, pos)| pos.map(|p| (tp.clone(), p)))
+            .collect()
+    }
+
+    fn request(&self, want: &[(TopicPartition, u64)], wait: Duration) -> Result<FetchRequest> {
+        let partitions = want
+            .iter()
+            .map(|((topic, partition), offset)| {
                 Ok(FetchPartition {
                     topic: topic.clone(),
                     partition: to_i32(*partition)?,
-                    fetch_offset: pos.unwrap_or(0) as i64,
+                    fetch_offset: *offset as i64,
                     partition_max_bytes: self.config.max_partition_fetch_bytes,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let wait = timeout.min(self.config.fetch_max_wait);
-        let resp = self
-            .fetch
-            .fetch(FetchRequest {
-                partitions,
-                max_wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
-                min_bytes: self.config.fetch_min_bytes,
-                max_bytes: self.config.fetch_max_bytes,
-            })
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        let mut out_of_range = Vec::new();
-        for p in resp.partitions {
-            let tp = (p.topic.clone(), p.partition as u32);
-            if let Some(e) = &p.error {
-                let err = ClientError::from(e);
-                if err.reason() == Some(ErrorReason::OffsetOutOfRange)
-                    && self.config.auto_offset_reset != OffsetReset::None
-                {
-                    out_of_range.push(tp);
-                    continue;
-                }
-                return Err(err);
-            }
-            self.high_watermarks
-                .insert(tp.clone(), p.high_watermark.max(0) as u64);
-            let Some(Some(mut position)) = self.positions.get(&tp).copied() else {
-                continue;
-            };
-            let topic: Arc<str> = Arc::from(tp.0.as_str());
-            for batch in BatchIter::new(p.records) {
-                let batch = batch?;
-                if batch.header().last_offset() < position {
-                    continue;
-                }
-                if !batch.crc_ok() {
-                    return Err(ClientError::Batch(format!(
-                        "batch at offset {} of {}-{} failed its CRC check",
-                        batch.header().base_offset,
-                        tp.0,
-                        tp.1
-                    )));
-                }
-                for r in batch.records()? {
-                    if r.offset < position {
-                        continue;
-                    }
-                    position = r.offset + 1;
-                    out.push(ConsumerRecord {
-                        topic: Arc::clone(&topic),
-                        partition: tp.1,
-                        offset: r.offset,
-                        timestamp: r.timestamp,
-                        key: r.key,
-                        value: r.value,
-                        headers: r.headers,
-                    });
-                }
-            }
-            self.positions.insert(tp, Some(position));
-        }
-        if !out_of_range.is_empty() {
-            self.reset(out_of_range).await?;
-        }
-        Ok(out)
+        Ok(FetchRequest {
+            partitions,
+            max_wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+            min_bytes: self.config.fetch_min_bytes,
+            max_bytes: self.config.fetch_max_bytes,
+        })
     }
 }

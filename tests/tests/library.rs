@@ -406,3 +406,99 @@ async fn topics_and_records_survive_a_restart() {
     assert_eq!(consume_n(&mut consumer, 100).await.len(), 100);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_create_topics_only_where_the_broker_allows_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let strict = InProcessBroker::start(&dir.path().join("strict"), |_| {}).await;
+    let producer = Producer::connect(producer_config(&strict.address()))
+        .await
+        .expect("producer");
+    let err = producer
+        .send(ProducerRecord::new("nowhere", "x"))
+        .await
+        .expect_err("unknown topic");
+    expect_reason(err, ErrorReason::UnknownTopicOrPartition, Code::NotFound);
+    let admin = Admin::connect(&strict.address()).await.expect("admin");
+    assert!(admin.list_topics().await.expect("list").is_empty());
+    strict.stop().await;
+
+    let open = InProcessBroker::start(&dir.path().join("open"), |c| {
+        c.auto_create_topics = true;
+        c.default_partitions = 2;
+    })
+    .await;
+    let producer = Producer::connect(producer_config(&open.address()))
+        .await
+        .expect("producer");
+    let meta = producer
+        .send(ProducerRecord::new("made-on-demand", "x").key("k"))
+        .await
+        .expect("send")
+        .await
+        .expect("acked");
+    assert_eq!(meta.offset, Some(0));
+    let admin = Admin::connect(&open.address()).await.expect("admin");
+    let d = admin
+        .describe_topic("made-on-demand")
+        .await
+        .expect("exists");
+    assert_eq!(d.partitions.len(), 2);
+    open.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_discards_the_prefetched_fetch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("replay", 1))
+        .await
+        .expect("create");
+    let producer = Producer::connect(ProducerConfig {
+        acks: Acks::Leader,
+        batch_size: 1024,
+        ..producer_config(&addr)
+    })
+    .await
+    .expect("producer");
+    for i in 0..2000 {
+        let _ = producer
+            .send(ProducerRecord::new("replay", format!("v{i}")))
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        // Small fetches: the first poll cannot reach the end, so a prefetch is in flight.
+        max_partition_fetch_bytes: 4096,
+        ..consumer_config(&addr)
+    })
+    .await
+    .expect("consumer");
+    consumer.assign([("replay".to_string(), 0)]);
+    let first = consume_n(&mut consumer, 1).await;
+    assert_eq!(first[0].offset, 0);
+    let reached = first.last().expect("records").offset;
+    assert!(reached < 1999, "one small fetch read everything");
+    consumer.seek(&("replay".to_string(), 0), 5).expect("seek");
+    let again = consume_n(&mut consumer, 1).await;
+    assert_eq!(
+        again[0].offset, 5,
+        "records after the seek start where it said"
+    );
+    let mut next = again.last().expect("records").offset + 1;
+    let mut rest = again;
+    while next < 2000 {
+        let more = consume_n(&mut consumer, 1).await;
+        for r in &more {
+            assert_eq!(r.offset, next, "no gap and no repeat after the seek");
+            next += 1;
+        }
+        rest.extend(more);
+    }
+    assert_eq!(rest.len(), 1995);
+    broker.stop().await;
+}

@@ -123,8 +123,16 @@ impl AdminService for AdminSvc {
         } else {
             let mut out = Vec::new();
             for name in &req.names {
-                let t = md.topic(name).map_err(|e| to_status(&e))?;
-                out.push(self.describe(t));
+                let t = match md.topic(name) {
+                    Ok(t) => Arc::clone(t),
+                    Err(_) if req.allow_auto_create => self
+                        .ctx
+                        .topic_for_produce(name)
+                        .await
+                        .map_err(|e| to_status(&e))?,
+                    Err(e) => return Err(to_status(&e)),
+                };
+                out.push(self.describe(&t));
             }
             out
         };

@@ -2,11 +2,12 @@
 //! `send` callers and the sender task behind one short-held mutex: no lock is held across
 //! an `.await`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use sluice_log_store::RecordBatchBuilder;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -14,6 +15,21 @@ use tokio::time::Instant;
 use super::partitioner::partition_for_key;
 use super::{DeliveryFuture, ProducerConfig, ProducerRecord};
 use crate::error::{ClientError, Result};
+
+/// Why a record could not be appended without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocked {
+    /// The topic's partition count is not cached yet.
+    UnknownTopic,
+    /// `buffer_memory` is used up.
+    BufferFull,
+}
+
+/// The outcome of `try_append`: done (well or not), or the record back and why.
+pub(crate) enum TryAppend {
+    Done(Result<DeliveryFuture>),
+    Blocked(ProducerRecord, Blocked),
+}
 
 /// What the broker said of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +70,9 @@ struct TopicInfo {
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<String, TopicInfo>,
-    open: HashMap<(Arc<str>, u32), OpenBatch>,
+    // Fx hashing: these maps are looked up on every send, with short trusted keys.
+    topics: FxHashMap<Arc<str>, TopicInfo>,
+    open: FxHashMap<(Arc<str>, u32), OpenBatch>,
     ready: VecDeque<ReadyBatch>,
     buffered: usize,
     /// Batches opened and not yet finished (open, ready or in flight).
@@ -108,13 +125,13 @@ impl Accumulator {
         self.lock().topics.get(topic).map(|t| t.partitions)
     }
 
-    pub fn set_partition_count(&self, topic: &str, partitions: u32) {
+    pub fn set_partition_count(&self, topic: &Arc<str>, partitions: u32) {
         let mut st = self.lock();
         let info = st
             .topics
-            .entry(topic.to_string())
+            .entry(Arc::clone(topic))
             .or_insert_with(|| TopicInfo {
-                name: Arc::from(topic),
+                name: Arc::clone(topic),
                 partitions,
                 sticky: None,
             });
@@ -125,6 +142,21 @@ impl Accumulator {
         self.lock().topics.clear();
     }
 
+    /// Adds the record to its batch under one lock when its topic's partition count is
+    /// known and the buffer has room (the common case); otherwise gives it back.
+    pub fn try_append(&self, record: ProducerRecord) -> TryAppend {
+        let mut st = self.lock();
+        let Some(partitions) = st.topics.get(&record.topic).map(|t| t.partitions) else {
+            return TryAppend::Blocked(record, Blocked::UnknownTopic);
+        };
+        if st.buffered >= self.config.buffer_memory {
+            return TryAppend::Blocked(record, Blocked::BufferFull);
+        }
+        TryAppend::Done(self.append_checked(&mut st, record, partitions))
+    }
+
+    /// Waits for room in the buffer, then appends; used once `try_append` found it full
+    /// or the topic unknown.
     pub async fn append(&self, record: ProducerRecord, partitions: u32) -> Result<DeliveryFuture> {
         let deadline = Instant::now() + self.config.delivery_timeout;
         loop {
@@ -134,7 +166,7 @@ impl Accumulator {
             {
                 let mut st = self.lock();
                 if st.buffered < self.config.buffer_memory {
-                    return Ok(self.append_locked(&mut st, record, partitions));
+                    return self.append_checked(&mut st, record, partitions);
                 }
             }
             if tokio::time::timeout_at(deadline, space).await.is_err() {
@@ -146,18 +178,26 @@ impl Accumulator {
         }
     }
 
-    fn append_locked(
+    fn append_checked(
         &self,
         st: &mut State,
         record: ProducerRecord,
         partitions: u32,
-    ) -> DeliveryFuture {
+    ) -> Result<DeliveryFuture> {
+        if let Some(p) = record.partition {
+            if p >= partitions {
+                return Err(ClientError::InvalidArgument(format!(
+                    "topic {} has {partitions} partitions; there is no partition {p}",
+                    record.topic
+                )));
+            }
+        }
         let round_robin = st.round_robin;
         if !st.topics.contains_key(&record.topic) {
             st.topics.insert(
-                record.topic.clone(),
+                Arc::clone(&record.topic),
                 TopicInfo {
-                    name: Arc::from(record.topic.as_str()),
+                    name: Arc::clone(&record.topic),
                     partitions,
                     sticky: None,
                 },
@@ -197,6 +237,9 @@ impl Accumulator {
                 },
             );
             st.outstanding += 1;
+            // The sender may be asleep with no batch to wait for: it must learn when this
+            // one's linger ends.
+            self.wake.notify_one();
         }
         let (index, added, size, outcome) = {
             let Some(open) = st.open.get_mut(&key) else {
@@ -220,12 +263,12 @@ impl Accumulator {
         if size >= self.config.batch_size {
             self.close_batch(st, &key);
         }
-        DeliveryFuture {
+        Ok(DeliveryFuture {
             topic,
             partition,
             index,
             outcome,
-        }
+        })
     }
 
     /// Builds the open batch of `key` and queues it.

@@ -26,8 +26,8 @@ use crate::admin::Admin;
 use crate::connection::connect;
 use crate::error::{ClientError, Result};
 
-use accumulator::Accumulator;
 pub use accumulator::BatchOutcome;
+use accumulator::{Accumulator, Blocked, TryAppend};
 
 /// What the producer waits for before a send counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,10 +99,10 @@ impl Default for ProducerConfig {
 }
 
 /// A record to send.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProducerRecord {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared: a producer sending many records to one topic clones a pointer).
+    pub topic: Arc<str>,
     /// Partition; `None` lets the partitioner choose (by key, or sticky when keyless).
     pub partition: Option<u32>,
     /// Key.
@@ -115,9 +115,22 @@ pub struct ProducerRecord {
     pub timestamp: Option<i64>,
 }
 
+impl Default for ProducerRecord {
+    fn default() -> Self {
+        ProducerRecord {
+            topic: Arc::from(""),
+            partition: None,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            timestamp: None,
+        }
+    }
+}
+
 impl ProducerRecord {
     /// A keyless record.
-    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> Self {
         ProducerRecord {
             topic: topic.into(),
             value: Some(value.into()),
@@ -167,12 +180,17 @@ impl DeliveryFuture {
     }
 
     async fn resolve(mut self) -> Result<RecordMetadata> {
-        let outcome = self
-            .outcome
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| ClientError::Closed)?
-            .clone();
+        // The guard is a read lock on the outcome: dropped before anything else.
+        let done = self.outcome.wait_for(Option::is_some).await.is_ok();
+        if !done {
+            return Err(ClientError::Closed);
+        }
+        self.finish()
+    }
+
+    /// The record's metadata from its batch's outcome, which must be there.
+    fn finish(&self) -> Result<RecordMetadata> {
+        let outcome = self.outcome.borrow().clone();
         match outcome {
             Some(Ok(acked)) => Ok(RecordMetadata {
                 topic: self.topic.to_string(),
@@ -188,10 +206,46 @@ impl DeliveryFuture {
 
 impl IntoFuture for DeliveryFuture {
     type Output = Result<RecordMetadata>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+    type IntoFuture = DeliveryWait;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.resolve())
+        DeliveryWait {
+            delivery: Some(self),
+            waiting: None,
+        }
+    }
+}
+
+/// The future a [`DeliveryFuture`] becomes when awaited. Records of a batch resolve
+/// together, so most find their outcome already there: those resolve without allocating.
+pub struct DeliveryWait {
+    delivery: Option<DeliveryFuture>,
+    waiting: Option<Pin<Box<dyn Future<Output = Result<RecordMetadata>> + Send>>>,
+}
+
+impl std::fmt::Debug for DeliveryWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryWait").finish_non_exhaustive()
+    }
+}
+
+impl Future for DeliveryWait {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if let Some(d) = self.delivery.take() {
+            if d.outcome.borrow().is_some() {
+                return std::task::Poll::Ready(d.finish());
+            }
+            self.waiting = Some(Box::pin(d.resolve()));
+        }
+        match self.waiting.as_mut() {
+            Some(w) => w.as_mut().poll(cx),
+            None => std::task::Poll::Ready(Err(ClientError::Closed)),
+        }
     }
 }
 
@@ -219,11 +273,8 @@ impl Producer {
         })
     }
 
-    async fn partitions_of(&self, topic: &str) -> Result<u32> {
-        if let Some(n) = self.accumulator.partition_count(topic) {
-            return Ok(n);
-        }
-        let d = self.admin.describe_topic(topic).await?;
+    async fn fetch_partition_count(&self, topic: &Arc<str>) -> Result<u32> {
+        let d = self.admin.describe_topic_for_produce(topic).await?;
         let n = d.partitions.len() as u32;
         self.accumulator.set_partition_count(topic, n);
         Ok(n)
@@ -233,16 +284,24 @@ impl Producer {
     /// (or, the first time a topic is used, for its partition count). The returned future
     /// resolves to the record's partition and offset.
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
-        let partitions = self.partitions_of(&record.topic).await?;
-        if let Some(p) = record.partition {
-            if p >= partitions {
-                return Err(ClientError::InvalidArgument(format!(
-                    "topic {} has {partitions} partitions; there is no partition {p}",
-                    record.topic
-                )));
+        match self.accumulator.try_append(record) {
+            TryAppend::Done(appended) => appended,
+            TryAppend::Blocked(record, Blocked::UnknownTopic) => {
+                let partitions = self.fetch_partition_count(&record.topic).await?;
+                self.accumulator.append(record, partitions).await
+            }
+            TryAppend::Blocked(record, Blocked::BufferFull) => {
+                let partitions = self.partition_count(&record.topic).await?;
+                self.accumulator.append(record, partitions).await
             }
         }
-        self.accumulator.append(record, partitions).await
+    }
+
+    async fn partition_count(&self, topic: &Arc<str>) -> Result<u32> {
+        match self.accumulator.partition_count(topic) {
+            Some(n) => Ok(n),
+            None => self.fetch_partition_count(topic).await,
+        }
     }
 
     /// Sends every buffered record now and waits until each has its outcome.

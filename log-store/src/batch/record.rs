@@ -94,10 +94,9 @@ fn frame(buf: &[u8], pos: &mut usize) -> Result<(usize, usize)> {
         return Err(Error::Malformed("record length is not positive"));
     }
     let start = *pos;
-    let end = start
-        .checked_add(len as usize)
-        .filter(|&e| e <= buf.len())
-        .ok_or(Error::Malformed("record runs past the end of the batch"))?;
+    let Some(end) = start.checked_add(len as usize).filter(|&e| e <= buf.len()) else {
+        return Err(Error::Malformed("record runs past the end of the batch"));
+    };
     *pos = end;
     Ok((start, end))
 }
@@ -133,10 +132,9 @@ fn get_field(buf: &Bytes, pos: &mut usize, end: usize) -> Result<Option<Bytes>> 
     if len < 0 {
         return Ok(None);
     }
-    let stop = pos
-        .checked_add(len as usize)
-        .filter(|&s| s <= end)
-        .ok_or(Error::Malformed("record field runs past the record"))?;
+    let Some(stop) = pos.checked_add(len as usize).filter(|&s| s <= end) else {
+        return Err(Error::Malformed("record field runs past the record"));
+    };
     let out = buf.slice(*pos..stop);
     *pos = stop;
     Ok(Some(out))

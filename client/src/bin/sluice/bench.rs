@@ -160,35 +160,45 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         })
         .await?;
         let pool = pool.clone();
-        let topic = args.topic.clone();
+        let topic: std::sync::Arc<str> = args.topic.as_str().into();
         // Each producer gets its share of the rate.
         let interval = (args.throughput > 0)
             .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.throughput as f64));
         tasks.push(tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel::<(Instant, DeliveryFuture)>(1 << 16);
+            // Futures reach the waiter in chunks: one channel message per record would
+            // cost the load tool more than the producer. A chunk is handed over when full
+            // or, under a rate limit, at once, so latency is never measured late.
+            let chunk_len = if interval.is_some() { 1 } else { 256 };
+            let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(n as usize);
                 let mut failed = 0u64;
                 let mut first_error = None;
-                while let Some((sent, d)) = rx.recv().await {
-                    match d.await {
-                        Ok(_) => {
-                            lat.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
-                        }
-                        Err(e) => {
-                            failed += 1;
-                            first_error.get_or_insert(e);
+                while let Some(chunk) = rx.recv().await {
+                    for (sent, d) in chunk {
+                        match d.await {
+                            Ok(_) => lat
+                                .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
+                            Err(e) => {
+                                failed += 1;
+                                first_error.get_or_insert(e);
+                            }
                         }
                     }
                 }
                 (lat, failed, first_error)
             });
+            let mut chunk = Vec::with_capacity(chunk_len);
             let begin = Instant::now();
             for j in 0..n {
                 let scheduled = match interval {
                     Some(iv) => {
                         let at = begin + iv.mul_f64(j as f64);
-                        tokio::time::sleep_until(at.into()).await;
+                        // The timer ticks in milliseconds: sleeping for a moment already
+                        // past would still wait for the next tick and halve the rate.
+                        if at > Instant::now() {
+                            tokio::time::sleep_until(at.into()).await;
+                        }
                         at
                     }
                     None => Instant::now(),
@@ -201,9 +211,16 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                         ..ProducerRecord::default()
                     })
                     .await?;
-                if tx.send((scheduled, d)).await.is_err() {
-                    break;
+                chunk.push((scheduled, d));
+                if chunk.len() >= chunk_len {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
+                    if tx.send(full).await.is_err() {
+                        break;
+                    }
                 }
+            }
+            if !chunk.is_empty() {
+                let _ = tx.send(chunk).await;
             }
             producer.flush().await?;
             drop(tx);

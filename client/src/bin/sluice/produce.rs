@@ -71,6 +71,7 @@ pub async fn run(global: &Global, args: ProduceArgs) -> Result<(), CliError> {
     });
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut sent = 0u64;
+    let topic: std::sync::Arc<str> = args.topic.as_str().into();
     while let Some(line) = lines.next_line().await? {
         let (key, value) = match &args.key_separator {
             Some(sep) => match line.split_once(sep.as_str()) {
@@ -80,7 +81,7 @@ pub async fn run(global: &Global, args: ProduceArgs) -> Result<(), CliError> {
             None => (None, line),
         };
         let record = ProducerRecord {
-            topic: args.topic.clone(),
+            topic: std::sync::Arc::clone(&topic),
             partition: args.partition,
             key,
             value: Some(Bytes::from(value)),
