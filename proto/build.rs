@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sluice/v1/produce.proto",
         "proto/sluice/v1/fetch.proto",
         "proto/sluice/v1/admin.proto",
+        "proto/sluice/v1/group.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

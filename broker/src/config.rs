@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
@@ -48,6 +49,15 @@ pub struct BrokerArgs {
         value_delimiter = ','
     )]
     pub topic_config: Vec<String>,
+    /// A group member silent this long is removed, in ms [default: 45000].
+    #[arg(long, env = "SLUICE_GROUP_SESSION_TIMEOUT_MS")]
+    pub group_session_timeout_ms: Option<u64>,
+    /// How often group members heartbeat, in ms [default: 3000].
+    #[arg(long, env = "SLUICE_GROUP_HEARTBEAT_INTERVAL_MS")]
+    pub group_heartbeat_interval_ms: Option<u64>,
+    /// Committed offsets of a group empty this long expire, in minutes [default: 10080].
+    #[arg(long, env = "SLUICE_OFFSETS_RETENTION_MINUTES")]
+    pub offsets_retention_minutes: Option<u64>,
 }
 
 /// The TOML file's shape: the same settings as the flags.
@@ -63,6 +73,9 @@ struct FileConfig {
     default_replication_factor: Option<u32>,
     #[serde(default)]
     topic_config: BTreeMap<String, String>,
+    group_session_timeout_ms: Option<u64>,
+    group_heartbeat_interval_ms: Option<u64>,
+    offsets_retention_minutes: Option<u64>,
 }
 
 /// The broker's effective configuration.
@@ -84,6 +97,12 @@ pub struct BrokerConfig {
     pub default_replication_factor: u32,
     /// Default topic config overrides (Kafka keys).
     pub topic_defaults: BTreeMap<String, String>,
+    /// A group member silent this long is removed (`group.consumer.session.timeout.ms`).
+    pub group_session_timeout: Duration,
+    /// How often members heartbeat (`group.consumer.heartbeat.interval.ms`).
+    pub group_heartbeat_interval: Duration,
+    /// Offsets of a group empty this long expire (`offsets.retention.minutes`).
+    pub offsets_retention: Duration,
 }
 
 /// The default listen address.
@@ -103,6 +122,9 @@ impl Default for BrokerConfig {
             default_partitions: 1,
             default_replication_factor: 1,
             topic_defaults: BTreeMap::new(),
+            group_session_timeout: Duration::from_secs(45),
+            group_heartbeat_interval: Duration::from_secs(3),
+            offsets_retention: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }
@@ -150,6 +172,18 @@ impl BrokerConfig {
                 .or(file.default_replication_factor)
                 .unwrap_or(d.default_replication_factor),
             topic_defaults,
+            group_session_timeout: args
+                .group_session_timeout_ms
+                .or(file.group_session_timeout_ms)
+                .map_or(d.group_session_timeout, Duration::from_millis),
+            group_heartbeat_interval: args
+                .group_heartbeat_interval_ms
+                .or(file.group_heartbeat_interval_ms)
+                .map_or(d.group_heartbeat_interval, Duration::from_millis),
+            offsets_retention: args
+                .offsets_retention_minutes
+                .or(file.offsets_retention_minutes)
+                .map_or(d.offsets_retention, |m| Duration::from_secs(m * 60)),
         };
         config.validate()?;
         Ok(config)
@@ -162,6 +196,15 @@ impl BrokerConfig {
         }
         if self.default_replication_factor == 0 {
             return Err("default replication factor must be at least 1".into());
+        }
+        if self.group_heartbeat_interval.is_zero()
+            || self.group_heartbeat_interval >= self.group_session_timeout
+        {
+            return Err(format!(
+                "group heartbeat interval ({} ms) must be positive and below the session timeout ({} ms)",
+                self.group_heartbeat_interval.as_millis(),
+                self.group_session_timeout.as_millis()
+            ));
         }
         self.topic_config()?;
         Ok(())

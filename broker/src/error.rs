@@ -77,6 +77,12 @@ pub enum BrokerError {
     /// The disk failed or is full.
     #[error("storage error: {0}")]
     Storage(String),
+    /// The consumer group does not exist.
+    #[error("unknown group {0:?}")]
+    UnknownGroup(String),
+    /// A group member that is no longer in the group, or asks for what it does not hold.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,

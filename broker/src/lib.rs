@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod grpc;
 pub mod partition;
 pub mod topic;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use sluice_log_store::LogManager;
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::fetch_service_server::FetchServiceServer;
+use sluice_proto::v1::group_service_server::GroupServiceServer;
 use sluice_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -37,8 +39,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::{BrokerArgs, BrokerConfig};
 pub use error::BrokerError;
 
+use group::{CoordinatorConfig, GroupCoordinator};
 use grpc::admin::AdminSvc;
 use grpc::fetch::FetchSvc;
+use grpc::group::GroupSvc;
 use grpc::produce::ProduceSvc;
 use grpc::Context;
 use topic::manager::{TopicDefaults, Topics};
@@ -104,10 +108,20 @@ impl Broker {
             brokers: 1,
         };
         let topics = Topics::start(manager, defaults)?;
+        let groups = GroupCoordinator::start(
+            topics.clone(),
+            CoordinatorConfig {
+                session_timeout: config.group_session_timeout,
+                heartbeat_interval: config.group_heartbeat_interval,
+                offsets_retention: config.offsets_retention,
+            },
+        )
+        .await?;
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Context {
             config,
             topics: topics.clone(),
+            groups,
             cluster_id,
             stopping,
         });
@@ -131,6 +145,7 @@ impl Broker {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let admin = AdminServiceServer::new(AdminSvc::new(Arc::clone(&ctx)));
+        let group = GroupServiceServer::new(GroupSvc::new(Arc::clone(&ctx)));
 
         // A single node is part of its cluster as soon as its topics are open.
         health_reporter
@@ -141,6 +156,9 @@ impl Broker {
             .await;
         health_reporter
             .set_serving::<AdminServiceServer<AdminSvc>>()
+            .await;
+        health_reporter
+            .set_serving::<GroupServiceServer<GroupSvc>>()
             .await;
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -168,7 +186,8 @@ impl Broker {
             .add_service(reflection_v1alpha)
             .add_service(produce)
             .add_service(fetch)
-            .add_service(admin);
+            .add_service(admin)
+            .add_service(group);
         let incoming = TcpListenerStream::new(listener);
         tracing::info!(address = %local_addr, node_id = ctx.config.node_id, data_dir = %ctx.config.data_dir.display(), "sluice broker started");
         let done = tokio::spawn(async move {

@@ -4,10 +4,15 @@ use std::collections::BTreeMap;
 
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::fetch_service_client::FetchServiceClient;
+use sluice_proto::v1::group_service_client::GroupServiceClient;
 use sluice_proto::v1::{
     offset_query, AlterTopicConfigRequest, CreatePartitionsRequest, CreateTopicRequest,
     DeleteTopicRequest, DescribeClusterRequest, DescribeClusterResponse, DescribeTopicsRequest,
     ListOffsetsRequest, ListTopicsRequest, OffsetQuery, TopicDescription, TopicListing,
+};
+use sluice_proto::v1::{
+    CommitOffsetsRequest, DeleteGroupRequest, DescribeGroupRequest, DescribeGroupResponse,
+    FetchOffsetsRequest, GroupListing, ListGroupsRequest, OffsetCommit,
 };
 use tonic::transport::Channel;
 
@@ -60,6 +65,7 @@ impl NewTopic {
 pub struct Admin {
     admin: AdminServiceClient<Channel>,
     fetch: FetchServiceClient<Channel>,
+    groups: GroupServiceClient<Channel>,
 }
 
 impl Admin {
@@ -72,8 +78,98 @@ impl Admin {
     pub fn with_channel(channel: Channel) -> Admin {
         Admin {
             admin: AdminServiceClient::new(channel.clone()),
+            groups: GroupServiceClient::new(channel.clone()),
             fetch: FetchServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
         }
+    }
+
+    /// Every consumer group.
+    pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
+        Ok(self
+            .groups
+            .clone()
+            .list_groups(ListGroupsRequest {})
+            .await?
+            .into_inner()
+            .groups)
+    }
+
+    /// A group's state, members, assignment, and per partition its committed offset,
+    /// log end offset and lag.
+    pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
+        Ok(self
+            .groups
+            .clone()
+            .describe_group(DescribeGroupRequest {
+                group_id: group.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Deletes a group with no members, and its committed offsets.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        self.groups
+            .clone()
+            .delete_group(DeleteGroupRequest {
+                group_id: group.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A group's committed offsets, as ((topic, partition), offset).
+    pub async fn group_offsets(&self, group: &str) -> Result<Vec<((String, u32), u64)>> {
+        let resp = self
+            .groups
+            .clone()
+            .fetch_offsets(FetchOffsetsRequest {
+                group_id: group.to_string(),
+                partitions: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(resp
+            .offsets
+            .into_iter()
+            .filter_map(|o| {
+                Some((
+                    (o.topic, u32::try_from(o.partition).ok()?),
+                    u64::try_from(o.offset).ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Sets a group's committed offsets from outside; refused while it has members.
+    pub async fn set_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[((String, u32), u64)],
+    ) -> Result<()> {
+        let offsets = offsets
+            .iter()
+            .map(|((topic, partition), offset)| {
+                Ok(OffsetCommit {
+                    topic: topic.clone(),
+                    partition: to_i32(*partition)?,
+                    offset: i64::try_from(*offset).map_err(|_| {
+                        ClientError::InvalidArgument(format!("offset {offset} is too large"))
+                    })?,
+                    metadata: String::new(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.groups
+            .clone()
+            .commit_offsets(CommitOffsetsRequest {
+                group_id: group.to_string(),
+                member_id: String::new(),
+                member_epoch: 0,
+                offsets,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Creates a topic and returns its description.

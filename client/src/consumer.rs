@@ -1,4 +1,18 @@
-//! `Consumer` (without groups): assign partitions, seek, and poll records.
+//! `Consumer`: assign partitions yourself (`assign`, `seek`), or join a consumer group
+//! (`subscribe`) and let the group's coordinator spread partitions over its members.
+//!
+//! ## Delivery guarantees in a group
+//!
+//! A group remembers, per partition, the committed offset: where a member that takes
+//! the partition over starts. When you commit decides what a crash costs:
+//!
+//! - **At-least-once** (the default): commit *after* processing. Auto-commit does this:
+//!   every `auto_commit_interval`, and when a partition is taken away or the consumer
+//!   closes, `poll` commits the positions of records it already returned. A crash
+//!   between processing and the next commit replays those records to the next owner.
+//! - **At-most-once**: turn auto-commit off and call `commit_sync` right after `poll`
+//!   returns, *before* processing. A crash then loses the records being processed, but
+//!   never delivers one twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,6 +21,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_log_store::{BatchIter, Header};
 use sluice_proto::v1::fetch_service_client::FetchServiceClient;
+use sluice_proto::v1::group_service_client::GroupServiceClient;
+use sluice_proto::v1::{CommitOffsetsRequest, FetchOffsetsRequest, OffsetCommit};
 use sluice_proto::v1::{FetchPartition, FetchRequest, FetchResponse};
 use sluice_proto::ErrorReason;
 use tonic::transport::Channel;
@@ -14,6 +30,7 @@ use tonic::transport::Channel;
 use crate::admin::{to_i32, Admin, OffsetSpec};
 use crate::connection::{connect, MAX_MESSAGE_BYTES};
 use crate::error::{ClientError, Result};
+use crate::group::{to_wire, Membership};
 
 /// Where to start when a partition has no valid position (`auto.offset.reset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +58,16 @@ pub struct ConsumerConfig {
     pub max_partition_fetch_bytes: u32,
     /// `fetch.max.bytes` (default 50 MiB).
     pub fetch_max_bytes: u32,
+    /// `group.id`: needed for `subscribe` and commits.
+    pub group_id: Option<String>,
+    /// `group.remote.assignor`: range, roundrobin or sticky (default sticky); every
+    /// member of a group must ask for the same one.
+    pub group_assignor: String,
+    /// `enable.auto.commit` (default true): `poll` commits what it returned, see the
+    /// module docs.
+    pub enable_auto_commit: bool,
+    /// `auto.commit.interval.ms` (default 5 s).
+    pub auto_commit_interval: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -52,6 +79,10 @@ impl Default for ConsumerConfig {
             fetch_max_wait: Duration::from_millis(500),
             max_partition_fetch_bytes: 1 << 20,
             fetch_max_bytes: 50 << 20,
+            group_id: None,
+            group_assignor: "sticky".to_string(),
+            enable_auto_commit: true,
+            auto_commit_interval: Duration::from_secs(5),
         }
     }
 }
@@ -78,11 +109,18 @@ pub struct ConsumerRecord {
 /// A topic and partition.
 pub type TopicPartition = (String, u32);
 
+/// Called with (revoked, assigned) partitions when a group changes this member's share.
+pub type AssignmentListener = Box<dyn FnMut(&[TopicPartition], &[TopicPartition]) + Send>;
+
 /// Reads assigned partitions from positions it keeps.
-#[derive(Debug)]
 pub struct Consumer {
     config: ConsumerConfig,
+    channel: Channel,
     fetch: FetchServiceClient<Channel>,
+    groups: GroupServiceClient<Channel>,
+    membership: Option<Membership>,
+    listener: Option<AssignmentListener>,
+    last_commit: std::time::Instant,
     admin: Admin,
     /// Assigned partitions and their next offsets (`None`: reset before fetching).
     positions: BTreeMap<TopicPartition, Option<u64>>,
@@ -208,6 +246,16 @@ impl Drop for Consumer {
     }
 }
 
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .field("positions", &self.positions)
+            .field("group", &self.membership.as_ref().map(Membership::group))
+            .finish_non_exhaustive()
+    }
+}
+
 impl Consumer {
     /// Connects to the first reachable broker.
     pub async fn connect(config: ConsumerConfig) -> Result<Consumer> {
@@ -215,7 +263,12 @@ impl Consumer {
         Ok(Consumer {
             fetch: FetchServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            admin: Admin::with_channel(channel),
+            groups: GroupServiceClient::new(channel.clone()),
+            admin: Admin::with_channel(channel.clone()),
+            channel,
+            membership: None,
+            listener: None,
+            last_commit: std::time::Instant::now(),
             config,
             positions: BTreeMap::new(),
             high_watermarks: BTreeMap::new(),
@@ -237,6 +290,237 @@ impl Consumer {
     pub async fn assign_topic(&mut self, topic: &str) -> Result<()> {
         let d = self.admin.describe_topic(topic).await?;
         self.assign((0..d.partitions.len() as u32).map(|p| (topic.to_string(), p)));
+        Ok(())
+    }
+
+    /// Joins the consumer group `group_id` subscribed to `topics`; the group's
+    /// coordinator then decides which of their partitions this consumer reads, and
+    /// changes that as members come and go. Replaces any manual assignment.
+    pub fn subscribe<I, S>(&mut self, topics: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let Some(group) = self.config.group_id.clone() else {
+            return Err(ClientError::InvalidArgument(
+                "subscribe needs a group_id in the consumer config".into(),
+            ));
+        };
+        let topics: std::collections::BTreeSet<String> =
+            topics.into_iter().map(Into::into).collect();
+        if topics.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "subscribe needs at least one topic".into(),
+            ));
+        }
+        match &self.membership {
+            Some(m) => m.subscribe(topics),
+            None => {
+                self.positions.clear();
+                self.membership = Some(Membership::join(
+                    self.channel.clone(),
+                    group,
+                    self.config.group_assignor.clone(),
+                    topics,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `listener(revoked, assigned)` whenever the group changes this member's
+    /// partitions (from inside `poll`, after revoked partitions were committed when
+    /// auto-commit is on).
+    pub fn on_assignment_change(
+        &mut self,
+        listener: impl FnMut(&[TopicPartition], &[TopicPartition]) + Send + 'static,
+    ) {
+        self.listener = Some(Box::new(listener));
+    }
+
+    /// Commits the position of every partition this consumer reads, and waits until the
+    /// commit is durable.
+    pub async fn commit_sync(&mut self) -> Result<()> {
+        let offsets = self.current_positions();
+        self.commit_offsets(&offsets).await
+    }
+
+    /// Starts committing every current position and returns at once; the handle tells
+    /// how it went.
+    pub fn commit_async(&mut self) -> tokio::task::JoinHandle<Result<()>> {
+        let request = self.commit_request(&self.current_positions());
+        let mut client = self.groups.clone();
+        self.last_commit = std::time::Instant::now();
+        tokio::spawn(async move {
+            match request {
+                Some(r) => client
+                    .commit_offsets(r?)
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Commits these offsets (the next offset to read, per partition).
+    pub async fn commit_offsets(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        self.last_commit = std::time::Instant::now();
+        match self.commit_request(offsets) {
+            Some(r) => {
+                self.groups.commit_offsets(r?).await?;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The group's committed offsets for `partitions` (`None` where nothing is committed).
+    pub async fn committed(&mut self, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        let group = self.group_id()?;
+        let set: std::collections::BTreeSet<TopicPartition> = partitions.iter().cloned().collect();
+        let resp = self
+            .groups
+            .fetch_offsets(FetchOffsetsRequest {
+                group_id: group,
+                partitions: to_wire(&set),
+            })
+            .await?
+            .into_inner();
+        let found: BTreeMap<TopicPartition, u64> = resp
+            .offsets
+            .into_iter()
+            .filter_map(|o| {
+                let offset = u64::try_from(o.offset).ok()?;
+                Some(((o.topic, u32::try_from(o.partition).ok()?), offset))
+            })
+            .collect();
+        Ok(partitions.iter().map(|tp| found.get(tp).copied()).collect())
+    }
+
+    /// Commits (with auto-commit on) and leaves the group, so its partitions move to the
+    /// other members at once rather than after the session timeout.
+    pub async fn close(mut self) -> Result<()> {
+        if let Some(p) = self.prefetch.take() {
+            p.handle.abort();
+        }
+        let committed = if self.membership.is_some() && self.config.enable_auto_commit {
+            self.commit_sync().await
+        } else {
+            Ok(())
+        };
+        if let Some(m) = self.membership.take() {
+            m.leave().await?;
+        }
+        committed
+    }
+
+    fn group_id(&self) -> Result<String> {
+        self.config
+            .group_id
+            .clone()
+            .ok_or_else(|| ClientError::InvalidArgument("committed offsets need a group_id".into()))
+    }
+
+    fn current_positions(&self) -> Vec<(TopicPartition, u64)> {
+        self.positions
+            .iter()
+            .filter_map(|(tp, p)| p.map(|p| (tp.clone(), p)))
+            .collect()
+    }
+
+    /// The commit request for `offsets`, or `None` when there is nothing to commit.
+    fn commit_request(
+        &self,
+        offsets: &[(TopicPartition, u64)],
+    ) -> Option<Result<CommitOffsetsRequest>> {
+        if offsets.is_empty() {
+            return None;
+        }
+        let group = match self.group_id() {
+            Ok(g) => g,
+            Err(e) => return Some(Err(e)),
+        };
+        let member = self.membership.as_ref().map(Membership::member_ref);
+        let offsets = offsets
+            .iter()
+            .map(|((topic, partition), offset)| OffsetCommit {
+                topic: topic.clone(),
+                partition: *partition as i32,
+                offset: *offset as i64,
+                metadata: String::new(),
+            })
+            .collect();
+        Some(Ok(CommitOffsetsRequest {
+            group_id: group,
+            member_id: member
+                .as_ref()
+                .map(|m| m.member_id.clone())
+                .unwrap_or_default(),
+            member_epoch: member.map_or(0, |m| m.member_epoch),
+            offsets,
+        }))
+    }
+
+    /// Adopts the group's latest assignment: commits and drops what was taken away,
+    /// starts what was given from its committed offset, and tells the coordinator.
+    async fn follow_group(&mut self) -> Result<()> {
+        let Some(m) = &self.membership else {
+            return Ok(());
+        };
+        if let Some(e) = m.take_error() {
+            // Retriable trouble (a broker restarting) and fencing are handled by the
+            // heartbeat task; anything else is the caller's to see.
+            if !e.is_retriable()
+                && e.reason() != Some(ErrorReason::Fenced)
+                && !matches!(e, ClientError::Rpc { .. } | ClientError::Connect { .. })
+            {
+                return Err(e);
+            }
+        }
+        let Some(target) = m.assignment() else {
+            return Ok(());
+        };
+        let owned: std::collections::BTreeSet<TopicPartition> =
+            self.positions.keys().cloned().collect();
+        if target == owned {
+            return Ok(());
+        }
+        let revoked: Vec<TopicPartition> = owned.difference(&target).cloned().collect();
+        let added: Vec<TopicPartition> = target.difference(&owned).cloned().collect();
+        if !revoked.is_empty() && self.config.enable_auto_commit {
+            let offsets: Vec<(TopicPartition, u64)> = revoked
+                .iter()
+                .filter_map(|tp| {
+                    self.positions
+                        .get(tp)
+                        .copied()
+                        .flatten()
+                        .map(|p| (tp.clone(), p))
+                })
+                .collect();
+            if let Err(e) = self.commit_offsets(&offsets).await {
+                // The partitions are going either way; the next owner replays from the
+                // last successful commit (at-least-once).
+                tracing::warn!(error = %e, "committing revoked partitions failed");
+            }
+        }
+        for tp in &revoked {
+            self.positions.remove(tp);
+            self.high_watermarks.remove(tp);
+        }
+        if !added.is_empty() {
+            let committed = self.committed(&added).await?;
+            for (tp, c) in added.iter().zip(committed) {
+                self.positions.insert(tp.clone(), c);
+            }
+        }
+        if let Some(m) = &self.membership {
+            m.set_owned(target);
+        }
+        if let Some(listener) = self.listener.as_mut() {
+            listener(&revoked, &added);
+        }
         Ok(())
     }
 
@@ -319,6 +603,40 @@ impl Consumer {
     /// Fetches the next records of the assigned partitions, waiting at most `timeout` for
     /// some to arrive. An empty result means none arrived in time.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        self.follow_group().await?;
+        if let Some(m) = &self.membership {
+            if self.positions.is_empty() {
+                // Nothing assigned yet (or now): wait for the coordinator's answer.
+                m.wait_for_assignment(timeout).await;
+                self.follow_group().await?;
+                if self.positions.is_empty() {
+                    return Ok(Vec::new());
+                }
+            }
+            if self.config.enable_auto_commit
+                && self.last_commit.elapsed() >= self.config.auto_commit_interval
+            {
+                let done = self.commit_async();
+                drop(done);
+            }
+        }
+        match self.poll_assigned(timeout).await {
+            Err(e) if e.reason() == Some(ErrorReason::Fenced) && self.membership.is_some() => {
+                tracing::warn!(error = %e, "fenced while fetching; joining the group again");
+                if let Some(m) = &self.membership {
+                    m.rejoin();
+                }
+                self.positions.clear();
+                if let Some(p) = self.prefetch.take() {
+                    p.handle.abort();
+                }
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    async fn poll_assigned(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
         let unknown: Vec<_> = self
             .positions
             .iter()
@@ -405,6 +723,7 @@ impl Consumer {
             max_wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
             min_bytes: self.config.fetch_min_bytes,
             max_bytes: self.config.fetch_max_bytes,
+            member: self.membership.as_ref().map(Membership::member_ref),
         })
     }
 }

@@ -15,10 +15,13 @@ pub mod admin;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+mod group;
 pub mod producer;
 
 pub use admin::{Admin, NewTopic, OffsetSpec};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset};
+pub use consumer::{
+    AssignmentListener, Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, TopicPartition,
+};
 pub use error::{ClientError, Result};
 pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,

@@ -180,6 +180,7 @@ async fn an_idle_long_poll_waits_its_time_and_returns_empty() {
             max_wait_ms: 700,
             min_bytes: 1,
             max_bytes: 0,
+            member: None,
         })
         .await
         .expect("fetch")
@@ -336,6 +337,7 @@ async fn every_error_reason_comes_from_a_real_request() {
             max_wait_ms: 0,
             min_bytes: 1,
             max_bytes: 0,
+            member: None,
         })
         .await
         .expect("fetch")
@@ -420,7 +422,11 @@ async fn producers_create_topics_only_where_the_broker_allows_it() {
         .expect_err("unknown topic");
     expect_reason(err, ErrorReason::UnknownTopicOrPartition, Code::NotFound);
     let admin = Admin::connect(&strict.address()).await.expect("admin");
-    assert!(admin.list_topics().await.expect("list").is_empty());
+    let listed = admin.list_topics().await.expect("list");
+    assert!(
+        listed.iter().all(|t| t.internal),
+        "only internal topics exist: {listed:?}"
+    );
     strict.stop().await;
 
     let open = InProcessBroker::start(&dir.path().join("open"), |c| {

@@ -143,9 +143,15 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<DeleteTopicRequest>,
     ) -> Result<Response<DeleteTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        if name == crate::group::offsets::OFFSETS_TOPIC {
+            return Err(to_status(&BrokerError::InvalidRequest(format!(
+                "{name} is internal: it holds every group's committed offsets"
+            ))));
+        }
         self.ctx
             .topics
-            .delete(request.into_inner().name)
+            .delete(name)
             .await
             .map(|()| Response::new(DeleteTopicResponse {}))
             .map_err(|e| to_status(&e))

@@ -50,6 +50,24 @@ impl FetchService for FetchSvc {
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
         let req = request.into_inner();
+        if let Some(m) = &req.member {
+            // A group member may read only what the coordinator gave it.
+            let mut tps = Vec::with_capacity(req.partitions.len());
+            for p in &req.partitions {
+                let partition = u32::try_from(p.partition).map_err(|_| {
+                    super::to_status(&BrokerError::InvalidRequest(format!(
+                        "partition {} of {} is negative",
+                        p.partition, p.topic
+                    )))
+                })?;
+                tps.push((p.topic.clone(), partition));
+            }
+            self.ctx
+                .groups
+                .check_fetch(m.group_id.clone(), m.member_id.clone(), m.member_epoch, tps)
+                .await
+                .map_err(|e| super::to_status(&e))?;
+        }
         let deadline =
             Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
         let min_bytes = req.min_bytes.max(1) as usize;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod fetch;
+pub mod group;
 pub mod produce;
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct Context {
     pub config: BrokerConfig,
     /// Topic metadata and partitions.
     pub topics: Topics,
+    /// The consumer group coordinator.
+    pub groups: crate::group::GroupCoordinator,
     /// This cluster's id, kept in the data directory.
     pub cluster_id: String,
     /// Turns true when the broker starts shutting down; long-lived calls end then.
@@ -71,6 +74,8 @@ fn reason(e: &BrokerError) -> (ErrorReason, Vec<(String, String)>) {
             (ErrorReason::UnknownTopicOrPartition, vec![])
         }
         E::TopicExists(_) => (ErrorReason::TopicExists, vec![]),
+        E::UnknownGroup(_) => (ErrorReason::UnknownGroup, vec![]),
+        E::Fenced(_) => (ErrorReason::Fenced, vec![]),
         E::InvalidTopic(_) => (ErrorReason::InvalidTopic, vec![]),
         E::InvalidConfig(_) => (ErrorReason::InvalidConfig, vec![]),
         E::InvalidPartitions(_) => (ErrorReason::InvalidPartitions, vec![]),

@@ -308,6 +308,16 @@ impl Owner {
                     }
                     self.topics.clear();
                     self.publish();
+                    // Partition tasks drop their share of the log manager just after they
+                    // answer `close`; wait for that, then drop ours, so the data directory
+                    // is unlocked before anyone hears the broker has stopped.
+                    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+                    while Arc::strong_count(&self.manager) > 1
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    drop(self);
                     let _ = reply.send(());
                     return;
                 }

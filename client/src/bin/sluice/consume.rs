@@ -15,17 +15,24 @@ pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
     /// Read only this partition (default: all).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     partition: Option<u32>,
+    /// Consume as a member of this consumer group: the group shares the partitions out
+    /// and remembers the offsets (committed every 5 s and on exit).
+    #[arg(long)]
+    group: Option<String>,
+    /// The group's assignor: range, roundrobin or sticky.
+    #[arg(long, default_value = "sticky", requires = "group")]
+    assignor: String,
     /// Start at the oldest record still kept.
     #[arg(long, conflicts_with_all = ["offset", "from_time"])]
     from_beginning: bool,
     /// Start at this offset.
-    #[arg(long, conflicts_with = "from_time")]
+    #[arg(long, conflicts_with_all = ["from_time", "group"])]
     offset: Option<u64>,
     /// Start at the first record at or after this time: ms since the epoch, or a
     /// duration ago such as `-15m` or `-2h`.
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "group")]
     from_time: Option<String>,
     /// Stop after this many records.
     #[arg(long)]
@@ -61,9 +68,23 @@ pub async fn run(global: &Global, args: ConsumeArgs) -> Result<(), CliError> {
         } else {
             OffsetReset::Latest
         },
+        group_id: args.group.clone(),
+        group_assignor: args.assignor.clone(),
         ..ConsumerConfig::default()
     })
     .await?;
+    if args.group.is_some() {
+        // Where to start is the group's committed offset; --from-beginning only decides
+        // for partitions the group has never committed, as in Kafka.
+        consumer.subscribe([args.topic.clone()])?;
+        let result = tokio::select! {
+            r = print_records(global, &args, &mut consumer) => r,
+            () = stop_signal() => Ok(()),
+        };
+        let closed = consumer.close().await;
+        result?;
+        return closed.map_err(Into::into);
+    }
     match args.partition {
         Some(p) => consumer.assign([(args.topic.clone(), p)]),
         None => consumer.assign_topic(&args.topic).await?,
@@ -79,6 +100,30 @@ pub async fn run(global: &Global, args: ConsumeArgs) -> Result<(), CliError> {
     } else {
         consumer.seek_to_end().await?;
     }
+    print_records(global, &args, &mut consumer).await
+}
+
+/// Resolves on SIGINT or SIGTERM, so a group member commits and leaves before exiting.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+async fn print_records(
+    global: &Global,
+    args: &ConsumeArgs,
+    consumer: &mut Consumer,
+) -> Result<(), CliError> {
     let stdout = std::io::stdout();
     let mut seen = 0u64;
     let mut last_record = Instant::now();

@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod consume;
+mod group;
 mod output;
 mod produce;
 mod topic;
@@ -42,6 +43,9 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print a topic's records, one per line.
     Consume(consume::ConsumeArgs),
+    /// Consumer groups: list, describe (with lag), reset offsets, delete.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// The cluster's brokers and controller.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -83,6 +87,7 @@ async fn main() -> ExitCode {
         Command::Topic(c) => topic::run(&global, c).await,
         Command::Produce(a) => produce::run(&global, a).await,
         Command::Consume(a) => consume::run(&global, a).await,
+        Command::Group(c) => group::run(&global, c).await,
         Command::Cluster(c) => cluster::run(&global, c).await,
         Command::Bench(c) => bench::run(&global, c).await,
     };

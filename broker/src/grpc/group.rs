@@ -1,0 +1,250 @@
+//! `GroupService`: consumer group membership, offsets and administration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use sluice_proto::v1::group_service_server::GroupService;
+use sluice_proto::v1::{
+    CommitOffsetsRequest, CommitOffsetsResponse, CommittedOffset, DeleteGroupRequest,
+    DeleteGroupResponse, DescribeGroupRequest, DescribeGroupResponse, FetchOffsetsRequest,
+    FetchOffsetsResponse, FindCoordinatorRequest, FindCoordinatorResponse, GroupListing,
+    GroupMember, HeartbeatRequest, HeartbeatResponse, ListGroupsRequest, ListGroupsResponse,
+    PartitionLag, TopicPartitions,
+};
+use tonic::{Request, Response, Status};
+
+use super::{to_status, Context};
+use crate::error::BrokerError;
+use crate::group::assignor::Tp;
+use crate::group::coordinator::Heartbeat;
+use crate::group::offsets::{now_ms, Committed};
+
+/// Serves `sluice.v1.GroupService`.
+#[derive(Debug, Clone)]
+pub struct GroupSvc {
+    ctx: Arc<Context>,
+}
+
+impl GroupSvc {
+    /// The service over a broker context.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        GroupSvc { ctx }
+    }
+}
+
+/// Wire partitions to a set, refusing negative partition numbers.
+pub fn tps_from_wire(list: &[TopicPartitions]) -> Result<BTreeSet<Tp>, BrokerError> {
+    let mut out = BTreeSet::new();
+    for t in list {
+        for &p in &t.partitions {
+            let p = u32::try_from(p).map_err(|_| {
+                BrokerError::InvalidRequest(format!("partition {p} of {} is negative", t.topic))
+            })?;
+            out.insert((t.topic.clone(), p));
+        }
+    }
+    Ok(out)
+}
+
+/// A set of partitions on the wire, grouped by topic.
+pub fn tps_to_wire(set: &BTreeSet<Tp>) -> Vec<TopicPartitions> {
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (t, p) in set {
+        by_topic.entry(t).or_default().push(*p as i32);
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, partitions)| TopicPartitions {
+            topic: topic.to_string(),
+            partitions,
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl GroupService for GroupSvc {
+    async fn find_coordinator(
+        &self,
+        _request: Request<FindCoordinatorRequest>,
+    ) -> Result<Response<FindCoordinatorResponse>, Status> {
+        // One node coordinates every group.
+        Ok(Response::new(FindCoordinatorResponse {
+            node_id: self.ctx.config.node_id as i32,
+            address: self.ctx.config.advertised_addr.clone(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let owned = tps_from_wire(&req.owned).map_err(|e| to_status(&e))?;
+        let answer = self
+            .ctx
+            .groups
+            .heartbeat(Heartbeat {
+                group: req.group_id,
+                member_id: req.member_id,
+                member_epoch: req.member_epoch,
+                topics: req.subscribed_topics.into_iter().collect(),
+                assignor: req.assignor,
+                owned,
+            })
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(HeartbeatResponse {
+            member_id: answer.member_id,
+            member_epoch: answer.member_epoch,
+            heartbeat_interval_ms: answer
+                .heartbeat_interval
+                .as_millis()
+                .min(u128::from(u32::MAX)) as u32,
+            assignment: tps_to_wire(&answer.assignment),
+        }))
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<CommitOffsetsRequest>,
+    ) -> Result<Response<CommitOffsetsResponse>, Status> {
+        let req = request.into_inner();
+        let now = now_ms();
+        let mut offsets = Vec::with_capacity(req.offsets.len());
+        for o in req.offsets {
+            let (Ok(partition), Ok(offset)) = (u32::try_from(o.partition), u64::try_from(o.offset))
+            else {
+                return Err(to_status(&BrokerError::InvalidRequest(format!(
+                    "offset {} for partition {} of {} is negative",
+                    o.offset, o.partition, o.topic
+                ))));
+            };
+            offsets.push((
+                (o.topic, partition),
+                Committed {
+                    offset,
+                    metadata: o.metadata,
+                    timestamp: now,
+                },
+            ));
+        }
+        let member = (!req.member_id.is_empty()).then_some((req.member_id, req.member_epoch));
+        self.ctx
+            .groups
+            .commit(req.group_id, member, offsets)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(CommitOffsetsResponse {}))
+    }
+
+    async fn fetch_offsets(
+        &self,
+        request: Request<FetchOffsetsRequest>,
+    ) -> Result<Response<FetchOffsetsResponse>, Status> {
+        let req = request.into_inner();
+        let partitions = if req.partitions.is_empty() {
+            None
+        } else {
+            Some(
+                tps_from_wire(&req.partitions)
+                    .map_err(|e| to_status(&e))?
+                    .into_iter()
+                    .collect(),
+            )
+        };
+        let found = self
+            .ctx
+            .groups
+            .fetch_offsets(req.group_id, partitions)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let offsets = found
+            .into_iter()
+            .map(|((topic, partition), c)| CommittedOffset {
+                topic,
+                partition: partition as i32,
+                offset: c.as_ref().map_or(-1, |c| c.offset as i64),
+                metadata: c.as_ref().map(|c| c.metadata.clone()).unwrap_or_default(),
+                commit_timestamp: c.as_ref().map_or(-1, |c| c.timestamp),
+            })
+            .collect();
+        Ok(Response::new(FetchOffsetsResponse { offsets }))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        let groups = self
+            .ctx
+            .groups
+            .list()
+            .await
+            .map_err(|e| to_status(&e))?
+            .into_iter()
+            .map(|g| GroupListing {
+                group_id: g.group,
+                state: g.state.to_string(),
+                members: g.members as u32,
+            })
+            .collect();
+        Ok(Response::new(ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<DescribeGroupRequest>,
+    ) -> Result<Response<DescribeGroupResponse>, Status> {
+        let d = self
+            .ctx
+            .groups
+            .describe(request.into_inner().group_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(DescribeGroupResponse {
+            group_id: d.group,
+            state: d.state.to_string(),
+            group_epoch: d.epoch,
+            assignor: d.assignor,
+            members: d
+                .members
+                .into_iter()
+                .map(|m| GroupMember {
+                    member_id: m.member_id,
+                    member_epoch: m.member_epoch,
+                    subscribed_topics: m.topics.into_iter().collect(),
+                    assignment: tps_to_wire(&m.assignment),
+                    target_assignment: tps_to_wire(&m.target),
+                })
+                .collect(),
+            offsets: d
+                .offsets
+                .into_iter()
+                .map(|o| {
+                    let committed = o.committed.map_or(-1, |c| c as i64);
+                    let end = o.log_end_offset as i64;
+                    PartitionLag {
+                        topic: o.tp.0,
+                        partition: o.tp.1 as i32,
+                        committed_offset: committed,
+                        log_end_offset: end,
+                        lag: (end - committed.max(0)).max(0),
+                        member_id: o.member_id.unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        self.ctx
+            .groups
+            .delete(request.into_inner().group_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(DeleteGroupResponse {}))
+    }
+}

@@ -1,0 +1,258 @@
+//! Group membership for a [`crate::Consumer`]: a background task heartbeats to the
+//! coordinator and keeps the latest assignment; the consumer adopts it in `poll` and
+//! reports back what it owns, so a partition taken from it can move on.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sluice_proto::v1::group_service_client::GroupServiceClient;
+use sluice_proto::v1::{GroupMemberRef, HeartbeatRequest, TopicPartitions};
+use sluice_proto::ErrorReason;
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+
+use crate::consumer::TopicPartition;
+use crate::error::{ClientError, Result};
+
+/// What the heartbeat task and the consumer share.
+#[derive(Debug, Default)]
+struct MemberState {
+    member_id: String,
+    epoch: i32,
+    topics: BTreeSet<String>,
+    /// The coordinator's latest answer (`None` before the first).
+    assignment: Option<BTreeSet<TopicPartition>>,
+    /// What the consumer has adopted.
+    owned: BTreeSet<TopicPartition>,
+    /// The last heartbeat error, for `poll` to surface when it cannot go on.
+    error: Option<ClientError>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<MemberState>,
+    /// Wakes the heartbeat task early (owned partitions or subscription changed).
+    wake: Notify,
+    /// Wakes `poll` when a new assignment arrives.
+    assigned: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, MemberState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One consumer's membership in one group.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    group: String,
+    assignor: String,
+    client: GroupServiceClient<Channel>,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub(crate) fn to_wire(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
+    let mut out: Vec<TopicPartitions> = Vec::new();
+    for (t, p) in set {
+        match out.last_mut() {
+            Some(last) if last.topic == *t => last.partitions.push(*p as i32),
+            _ => out.push(TopicPartitions {
+                topic: t.clone(),
+                partitions: vec![*p as i32],
+            }),
+        }
+    }
+    out
+}
+
+pub(crate) fn from_wire(list: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
+    list.iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .filter_map(|&p| u32::try_from(p).ok())
+                .map(|p| (t.topic.clone(), p))
+        })
+        .collect()
+}
+
+impl Membership {
+    /// Joins `group` subscribed to `topics` and starts heartbeating.
+    pub fn join(
+        channel: Channel,
+        group: String,
+        assignor: String,
+        topics: BTreeSet<String>,
+    ) -> Membership {
+        let client = GroupServiceClient::new(channel);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(MemberState {
+                topics,
+                ..MemberState::default()
+            }),
+            wake: Notify::new(),
+            assigned: Notify::new(),
+        });
+        let task = tokio::spawn(heartbeat_loop(
+            client.clone(),
+            group.clone(),
+            assignor.clone(),
+            Arc::clone(&shared),
+        ));
+        Membership {
+            group,
+            assignor,
+            client,
+            shared,
+            task,
+        }
+    }
+
+    /// Changes the subscription; the next heartbeat (sent now) tells the coordinator.
+    pub fn subscribe(&self, topics: BTreeSet<String>) {
+        self.shared.lock().topics = topics;
+        self.shared.wake.notify_one();
+    }
+
+    /// The coordinator's latest assignment, if one arrived.
+    pub fn assignment(&self) -> Option<BTreeSet<TopicPartition>> {
+        self.shared.lock().assignment.clone()
+    }
+
+    /// Records what the consumer now owns and heartbeats at once, so partitions it let go
+    /// reach their new owner without waiting a heartbeat interval.
+    pub fn set_owned(&self, owned: BTreeSet<TopicPartition>) {
+        self.shared.lock().owned = owned;
+        self.shared.wake.notify_one();
+    }
+
+    /// Waits up to `timeout` for a new assignment.
+    pub async fn wait_for_assignment(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.shared.assigned.notified()).await;
+    }
+
+    /// The last heartbeat error, taken.
+    pub fn take_error(&self) -> Option<ClientError> {
+        self.shared.lock().error.take()
+    }
+
+    /// How fetches and commits name this member.
+    pub fn member_ref(&self) -> GroupMemberRef {
+        let st = self.shared.lock();
+        GroupMemberRef {
+            group_id: self.group.clone(),
+            member_id: st.member_id.clone(),
+            member_epoch: st.epoch,
+        }
+    }
+
+    /// The group id.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// After a FENCED answer: forget the membership and join again.
+    pub fn rejoin(&self) {
+        {
+            let mut st = self.shared.lock();
+            st.member_id.clear();
+            st.epoch = 0;
+            st.assignment = Some(BTreeSet::new());
+            st.owned.clear();
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// Leaves the group (its partitions move at once) and stops heartbeating.
+    pub async fn leave(self) -> Result<()> {
+        self.task.abort();
+        let (member_id, topics) = {
+            let st = self.shared.lock();
+            (st.member_id.clone(), st.topics.clone())
+        };
+        if member_id.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .clone()
+            .heartbeat(HeartbeatRequest {
+                group_id: self.group.clone(),
+                member_id,
+                member_epoch: -1,
+                subscribed_topics: topics.into_iter().collect(),
+                assignor: self.assignor.clone(),
+                owned: Vec::new(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // Without `leave` the coordinator notices after the session timeout.
+        self.task.abort();
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: GroupServiceClient<Channel>,
+    group: String,
+    assignor: String,
+    shared: Arc<Shared>,
+) {
+    let mut interval = Duration::from_secs(3);
+    loop {
+        let req = {
+            let st = shared.lock();
+            HeartbeatRequest {
+                group_id: group.clone(),
+                member_id: st.member_id.clone(),
+                member_epoch: st.epoch,
+                subscribed_topics: st.topics.iter().cloned().collect(),
+                assignor: assignor.clone(),
+                owned: to_wire(&st.owned),
+            }
+        };
+        let wait;
+        match client.heartbeat(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                interval = Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(10)));
+                wait = interval;
+                let assignment = from_wire(&resp.assignment);
+                let mut st = shared.lock();
+                st.member_id = resp.member_id;
+                st.epoch = resp.member_epoch;
+                if st.assignment.as_ref() != Some(&assignment) {
+                    st.assignment = Some(assignment);
+                    shared.assigned.notify_waiters();
+                }
+            }
+            Err(status) => {
+                let err = ClientError::from(status);
+                if err.reason() == Some(ErrorReason::Fenced) {
+                    tracing::warn!(group = %group, error = %err, "fenced; joining the group again");
+                    let mut st = shared.lock();
+                    st.member_id.clear();
+                    st.epoch = 0;
+                    st.assignment = Some(BTreeSet::new());
+                    shared.assigned.notify_waiters();
+                    wait = Duration::ZERO;
+                } else {
+                    tracing::warn!(group = %group, error = %err, "heartbeat failed");
+                    // Retry sooner than a full interval, but without hammering.
+                    wait = (interval / 3).max(Duration::from_millis(100));
+                }
+                shared.lock().error = Some(err);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.wake.notified() => {}
+        }
+    }
+}
