@@ -103,6 +103,8 @@ pub struct BrokerConfig {
     pub group_heartbeat_interval: Duration,
     /// Offsets of a group empty this long expire (`offsets.retention.minutes`).
     pub offsets_retention: Duration,
+    /// `__consumer_offsets` is compacted once it holds this many superseded records.
+    pub offsets_compact_after_records: u64,
 }
 
 /// The default listen address.
@@ -125,6 +127,7 @@ impl Default for BrokerConfig {
             group_session_timeout: Duration::from_secs(45),
             group_heartbeat_interval: Duration::from_secs(3),
             offsets_retention: Duration::from_secs(7 * 24 * 60 * 60),
+            offsets_compact_after_records: 100_000,
         }
     }
 }
@@ -184,6 +187,7 @@ impl BrokerConfig {
                 .offsets_retention_minutes
                 .or(file.offsets_retention_minutes)
                 .map_or(d.offsets_retention, |m| Duration::from_secs(m * 60)),
+            offsets_compact_after_records: d.offsets_compact_after_records,
         };
         config.validate()?;
         Ok(config)

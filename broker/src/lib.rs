@@ -114,6 +114,7 @@ impl Broker {
                 session_timeout: config.group_session_timeout,
                 heartbeat_interval: config.group_heartbeat_interval,
                 offsets_retention: config.offsets_retention,
+                compact_after_records: config.offsets_compact_after_records,
             },
         )
         .await?;

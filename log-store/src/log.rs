@@ -473,6 +473,28 @@ impl Log {
         Ok(n)
     }
 
+    /// Deletes every sealed segment whose records all lie below `offset`, moving the log
+    /// start offset up (Kafka's DeleteRecords, by whole segments); returns how many went.
+    /// The active segment always stays.
+    pub fn delete_segments_before(&mut self, offset: u64) -> Result<usize> {
+        let doomed: Vec<u64> = self
+            .segments
+            .iter()
+            .take(self.segments.len() - 1)
+            .take_while(|(_, s)| s.next_offset() <= offset)
+            .map(|(&base, _)| base)
+            .collect();
+        for base in &doomed {
+            if let Some(seg) = self.segments.remove(base) {
+                seg.delete()?;
+            }
+        }
+        if !doomed.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(doomed.len())
+    }
+
     /// Removes every record at or after `offset` (followers use this to drop a
     /// divergent tail). Truncation is by whole batch: when `offset` falls inside a batch
     /// that batch goes too, so the new log end offset may be below `offset`. Returns the

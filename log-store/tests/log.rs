@@ -535,3 +535,30 @@ fn missing_index_of_a_sealed_segment_is_rebuilt() {
     }
     assert_eq!(log.offset_for_timestamp(3).expect("lookup"), Some((3, 3)));
 }
+
+#[test]
+fn deleting_before_an_offset_drops_whole_sealed_segments_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for i in 0..200 {
+        log.append(&batch("d", 5, i), opts()).expect("append");
+    }
+    let bases = log.segment_base_offsets();
+    assert!(bases.len() > 3, "several segments: {bases:?}");
+    // An offset inside the third segment: the first two go, the third stays.
+    let cut = bases[2] + 1;
+    assert_eq!(log.delete_segments_before(cut).expect("delete"), 2);
+    assert_eq!(log.log_start_offset(), bases[2]);
+    assert_eq!(
+        values(&log.read(bases[2], 100).expect("read"))[0].0,
+        bases[2]
+    );
+    // Past the end: every sealed segment goes, the active one stays.
+    let end = log.log_end_offset();
+    log.delete_segments_before(u64::MAX).expect("delete");
+    assert_eq!(log.segment_count(), 1);
+    assert_eq!(log.log_end_offset(), end);
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).expect("reopen");
+    assert_eq!(log.log_end_offset(), end, "survives a reopen");
+}

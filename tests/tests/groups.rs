@@ -531,3 +531,150 @@ async fn stale_members_are_fenced_and_bad_requests_refused() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offsets_topic_is_compacted_and_idle_groups_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tweak = |c: &mut sluice_broker::BrokerConfig| {
+        c.offsets_compact_after_records = 50;
+        c.group_heartbeat_interval = Duration::from_millis(200);
+    };
+    let expiring = |c: &mut sluice_broker::BrokerConfig| {
+        tweak(c);
+        c.offsets_retention = Duration::from_secs(2);
+    };
+    let broker = InProcessBroker::start(dir.path(), tweak).await;
+    let admin = Admin::connect(&broker.address()).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("t", 3))
+        .await
+        .expect("create");
+    // 300 commits of 3 offsets: 900 records, of which 3 are live.
+    for i in 0..300u64 {
+        let offsets: Vec<((String, u32), u64)> = (0..3)
+            .map(|p| (("t".to_string(), p), i + u64::from(p)))
+            .collect();
+        admin
+            .set_group_offsets("busy", &offsets)
+            .await
+            .expect("commit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = admin
+            .describe_topic("__consumer_offsets")
+            .await
+            .expect("describe");
+        let p = &d.partitions[0];
+        if p.log_start_offset > 0 && p.log_end_offset - p.log_start_offset < 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never compacted: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut expect: Vec<((String, u32), u64)> = (0..3)
+        .map(|p| (("t".to_string(), p), 299 + u64::from(p)))
+        .collect();
+    expect.sort();
+    let mut got = admin.group_offsets("busy").await.expect("offsets");
+    got.sort();
+    assert_eq!(got, expect, "compaction kept the latest offsets");
+    broker.stop().await;
+
+    // A restart replays the compacted topic to the same offsets.
+    let broker = InProcessBroker::start(dir.path(), tweak).await;
+    let admin = Admin::connect(&broker.address()).await.expect("admin");
+    let mut got = admin.group_offsets("busy").await.expect("offsets");
+    got.sort();
+    assert_eq!(got, expect, "replayed after compaction");
+    broker.stop().await;
+
+    // With a short offsets.retention the group, empty all along, expires for good.
+    let broker = InProcessBroker::start(dir.path(), expiring).await;
+    let admin = Admin::connect(&broker.address()).await.expect("admin");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin.list_groups().await.expect("list").is_empty() {
+        assert!(Instant::now() < deadline, "offsets never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.stop().await;
+    let broker = InProcessBroker::start(dir.path(), |c| {
+        c.offsets_retention = Duration::from_secs(3600)
+    })
+    .await;
+    let admin = Admin::connect(&broker.address()).await.expect("admin");
+    assert!(
+        admin
+            .group_offsets("busy")
+            .await
+            .expect("offsets")
+            .is_empty(),
+        "expiry is durable"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_member_takes_only_what_moves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |c| {
+        c.group_heartbeat_interval = Duration::from_millis(100);
+    })
+    .await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("work", 6))
+        .await
+        .expect("create");
+    let revoked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut first = Consumer::connect(consumer_config(&addr, "crew"))
+        .await
+        .expect("first");
+    let log = std::sync::Arc::clone(&revoked);
+    first.on_assignment_change(move |gone, _| {
+        if let Ok(mut l) = log.lock() {
+            l.extend(gone.iter().cloned());
+        }
+    });
+    first.subscribe(["work"]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first.assignment().len() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the first member never got all six"
+        );
+        first.poll(Duration::from_millis(100)).await.expect("poll");
+    }
+    let kept_before: BTreeSet<(String, u32)> = first.assignment().into_iter().collect();
+
+    let mut second = Consumer::connect(consumer_config(&addr, "crew"))
+        .await
+        .expect("second");
+    second.subscribe(["work"]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first.assignment().len() != 3 || second.assignment().len() != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the two members never split six partitions"
+        );
+        first.poll(Duration::from_millis(50)).await.expect("poll");
+        second.poll(Duration::from_millis(50)).await.expect("poll");
+    }
+    let gone: BTreeSet<(String, u32)> = revoked.lock().expect("revoked").iter().cloned().collect();
+    let kept: BTreeSet<(String, u32)> = first.assignment().into_iter().collect();
+    assert_eq!(
+        gone.len(),
+        3,
+        "only the partitions that moved were revoked: {gone:?}"
+    );
+    assert!(kept.is_subset(&kept_before) && kept.is_disjoint(&gone));
+    let theirs: BTreeSet<(String, u32)> = second.assignment().into_iter().collect();
+    assert_eq!(
+        theirs, gone,
+        "the newcomer got exactly what the first let go"
+    );
+    second.close().await.expect("close");
+    first.close().await.expect("close");
+    broker.stop().await;
+}

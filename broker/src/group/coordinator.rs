@@ -141,6 +141,9 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// Offsets of a group empty this long expire.
     pub offsets_retention: Duration,
+    /// Compact `__consumer_offsets` once it holds this many more records than there
+    /// are live offsets.
+    pub compact_after_records: u64,
 }
 
 /// A cloneable handle to the coordinator task.
@@ -697,6 +700,12 @@ impl Coordinator {
             tracing::info!(group = %name, "offsets expired: the group was empty for offsets.retention.minutes");
             if let Err(e) = self.delete(&name).await {
                 tracing::warn!(group = %name, error = %e, "could not expire offsets");
+            }
+        }
+        let live: u64 = self.offsets.values().map(|g| g.len() as u64).sum();
+        if self.store.records().saturating_sub(live) >= self.config.compact_after_records {
+            if let Err(e) = self.store.compact(&self.offsets).await {
+                tracing::warn!(error = %e, "compacting the offsets topic failed; will retry");
             }
         }
     }

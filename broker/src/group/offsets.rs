@@ -192,6 +192,56 @@ impl OffsetStore {
         self.partition()?.append(batch, Acks::All).await?;
         Ok(())
     }
+
+    /// Compacts the topic: every live offset is written again from a fresh segment,
+    /// then every older segment is deleted. The result is what Kafka's log compaction
+    /// leaves (the latest record per key); a crash half-way leaves old records followed
+    /// by the copy, which replays to the same offsets.
+    pub async fn compact(&self, live: &OffsetMap) -> Result<()> {
+        let p = self.partition()?;
+        let start = p.roll().await?;
+        let now = now_ms();
+        let mut b = RecordBatchBuilder::new(Compression::None);
+        let mut in_batch = 0;
+        for (group, offsets) in live {
+            for (tp, c) in offsets {
+                b.append(
+                    now,
+                    Some(&encode_key(group, tp)),
+                    Some(&encode_value(c)),
+                    &[],
+                );
+                in_batch += 1;
+                // Well under max.message.bytes per batch.
+                if in_batch == 2000 {
+                    let full =
+                        std::mem::replace(&mut b, RecordBatchBuilder::new(Compression::None));
+                    let batch = full
+                        .build()
+                        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                    p.append(batch, Acks::All).await?;
+                    in_batch = 0;
+                }
+            }
+        }
+        if in_batch > 0 {
+            let batch = b
+                .build()
+                .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            p.append(batch, Acks::All).await?;
+        }
+        let start_now = p.delete_before(start).await?;
+        tracing::info!(log_start_offset = start_now, "compacted {OFFSETS_TOPIC}");
+        Ok(())
+    }
+
+    /// Records in the topic now (log end minus log start).
+    pub fn records(&self) -> u64 {
+        self.partition().map_or(0, |p| {
+            let s = p.state();
+            s.log_end_offset.saturating_sub(s.log_start_offset)
+        })
+    }
 }
 
 /// Milliseconds since the epoch.

@@ -81,6 +81,13 @@ enum Command {
     Close {
         reply: oneshot::Sender<Result<()>>,
     },
+    Roll {
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    DeleteBefore {
+        offset: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
     Delete {
         reply: oneshot::Sender<Result<()>>,
     },
@@ -200,6 +207,18 @@ impl PartitionHandle {
     /// Applies a new topic config to this partition.
     pub async fn set_config(&self, config: TopicConfig) -> Result<()> {
         self.call(|reply| Command::SetConfig { config, reply })
+            .await
+    }
+
+    /// Seals the active segment (if it holds anything) and returns the log end offset,
+    /// where the next segment starts.
+    pub async fn roll(&self) -> Result<u64> {
+        self.call(|reply| Command::Roll { reply }).await
+    }
+
+    /// Deletes whole segments below `offset`; returns the new log start offset.
+    pub async fn delete_before(&self, offset: u64) -> Result<u64> {
+        self.call(|reply| Command::DeleteBefore { offset, reply })
             .await
     }
 

@@ -263,6 +263,20 @@ fn run_round(
                 }
                 let _ = reply.send(result);
             }
+            Command::Roll { reply } => {
+                let result = log
+                    .roll()
+                    .map(|()| log.log_end_offset())
+                    .map_err(BrokerError::from);
+                let _ = reply.send(result);
+            }
+            Command::DeleteBefore { offset, reply } => {
+                let result = log
+                    .delete_segments_before(offset)
+                    .map(|_| log.log_start_offset())
+                    .map_err(BrokerError::from);
+                let _ = reply.send(result);
+            }
             Command::Close { reply } => {
                 answer(
                     log,
@@ -344,6 +358,9 @@ fn refuse(cmd: Command) {
             let _ = reply.send(Err(err));
         }
         Command::SetConfig { reply, .. } | Command::Close { reply } | Command::Delete { reply } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::Roll { reply } | Command::DeleteBefore { reply, .. } => {
             let _ = reply.send(Err(err));
         }
     }
