@@ -215,12 +215,16 @@ fn decode(
                     tp.1
                 )));
             }
-            for r in batch.records()? {
+            // The count comes off the wire: bounded by what the bytes could hold.
+            let count = (batch.header().record_count as usize).min(batch.bytes().len() / 8);
+            fetched.records.reserve(count);
+            let records = &mut fetched.records;
+            batch.for_each_record(|r| {
                 if r.offset < position {
-                    continue;
+                    return;
                 }
                 position = r.offset + 1;
-                fetched.records.push(ConsumerRecord {
+                records.push(ConsumerRecord {
                     topic: Arc::clone(&topic),
                     partition: tp.1,
                     offset: r.offset,
@@ -229,7 +233,7 @@ fn decode(
                     value: r.value,
                     headers: r.headers,
                 });
-            }
+            })?;
         }
         fetched
             .progress

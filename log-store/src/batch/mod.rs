@@ -368,6 +368,28 @@ impl RecordBatch {
         checksum(&self.bytes[ATTRIBUTES_POS..]) == self.header.crc
     }
 
+    /// Like [`RecordBatch::records`], but hands each record to `f` instead of collecting
+    /// them (a consumer builds its own record type without an intermediate vector). On
+    /// an error `f` may already have seen some records; discard them.
+    pub fn for_each_record(&self, mut f: impl FnMut(Record)) -> Result<()> {
+        let compression = self.header.compression()?;
+        let body = match compression {
+            Compression::None => self.bytes.slice(HEADER_LEN..),
+            c => Bytes::from(c.decompress(
+                &self.bytes[HEADER_LEN..],
+                decompressed_limit(self.bytes.len()),
+            )?),
+        };
+        let append_time = (self.header.timestamp_type() == TimestampType::LogAppendTime)
+            .then_some(self.header.max_timestamp);
+        record::for_each_record(&body, &self.header, |mut r| {
+            if let Some(t) = append_time {
+                r.timestamp = t;
+            }
+            f(r);
+        })
+    }
+
     /// Decodes every record, decompressing if needed; offsets and timestamps are absolute.
     pub fn records(&self) -> Result<Vec<Record>> {
         let compression = self.header.compression()?;

@@ -143,6 +143,18 @@ fn get_field(buf: &Bytes, pos: &mut usize, end: usize) -> Result<Option<Bytes>> 
 /// Decodes all records of an (uncompressed) records part.
 pub(crate) fn decode_records(buf: &Bytes, header: &BatchHeader) -> Result<Vec<Record>> {
     let mut out = Vec::with_capacity(header.record_count as usize);
+    for_each_record(buf, header, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// Decodes the records of an (uncompressed) records part one by one into `f`; on an
+/// error, `f` may already have seen the records before the damage.
+pub(crate) fn for_each_record(
+    buf: &Bytes,
+    header: &BatchHeader,
+    mut f: impl FnMut(Record),
+) -> Result<()> {
+    let mut seen = 0usize;
     let mut pos = 0;
     while pos < buf.len() {
         let (start, end) = frame(buf, &mut pos)?;
@@ -170,7 +182,8 @@ pub(crate) fn decode_records(buf: &Bytes, header: &BatchHeader) -> Result<Vec<Re
         if p != end {
             return Err(Error::Malformed("record length disagrees with its fields"));
         }
-        out.push(Record {
+        seen += 1;
+        f(Record {
             offset: header.base_offset + offset_delta as u64,
             timestamp: header.first_timestamp.wrapping_add(ts_delta),
             key,
@@ -178,11 +191,11 @@ pub(crate) fn decode_records(buf: &Bytes, header: &BatchHeader) -> Result<Vec<Re
             headers,
         });
     }
-    if out.len() != header.record_count as usize {
+    if seen != header.record_count as usize {
         return Err(Error::RecordCountMismatch {
             declared: i64::from(header.record_count),
-            actual: out.len() as i64,
+            actual: seen as i64,
         });
     }
-    Ok(out)
+    Ok(())
 }
