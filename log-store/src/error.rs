@@ -112,6 +112,14 @@ pub enum Error {
     /// A configuration value is not acceptable.
     #[error("invalid log config: {0}")]
     InvalidConfig(String),
+    /// The leader-epoch checkpoint cannot be read (the log rebuilds it from its batches).
+    #[error("damaged leader-epoch checkpoint {}: {content:?}", path.display())]
+    DamagedCheckpoint {
+        /// The file.
+        path: PathBuf,
+        /// What it holds.
+        content: String,
+    },
     /// Another process holds the data directory.
     #[error("data directory {} is locked by another process", path.display())]
     Locked {

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod epochs;
 pub mod error;
 mod index;
 pub mod log;
@@ -19,6 +20,7 @@ pub use batch::{
     BatchHeader, BatchIter, Compression, Header, Record, RecordBatch, RecordBatchBuilder,
 };
 pub use config::{FlushPolicy, LogConfig};
+pub use epochs::{EpochEntry, EpochHistory};
 pub use error::{Error, Result};
 pub use log::{AppendInfo, AppendOptions, Log, OpenReport, Truncation};
 pub use manager::{LogManager, TopicPartition};

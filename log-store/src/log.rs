@@ -16,6 +16,7 @@ use crate::batch::{
     BatchHeader, RecordBatch, ValidateOptions, HEADER_LEN,
 };
 use crate::config::{FlushPolicy, LogConfig};
+use crate::epochs::EpochHistory;
 use crate::error::{Error, Result};
 use crate::retention::{segments_to_delete, SegmentStats};
 use crate::segment::{now_ms, sync_dir, AppendFailure, OpenMode, Segment};
@@ -66,6 +67,7 @@ pub struct Log {
     recovery_point: u64,
     last_flush: Instant,
     poisoned: bool,
+    epochs: EpochHistory,
 }
 
 impl std::fmt::Debug for Log {
@@ -174,11 +176,58 @@ impl Log {
             recovery_point: 0,
             last_flush: Instant::now(),
             poisoned: false,
+            epochs: EpochHistory::empty(dir),
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
         log.active().flush()?;
         log.recovery_point = log.log_end_offset();
+        log.epochs = match EpochHistory::load(dir) {
+            Ok(mut h)
+                if !h.entries().is_empty() || log.log_end_offset() == log.log_start_offset() =>
+            {
+                // Epochs whose batches did not survive recovery are not history.
+                h.truncate_from_end(log.log_end_offset())?;
+                h.truncate_from_start(log.log_start_offset())?;
+                h
+            }
+            Ok(_) => log.rebuild_epochs()?,
+            Err(e) => {
+                tracing::warn!(error = %e, "rebuilding the leader-epoch history from the log");
+                log.rebuild_epochs()?
+            }
+        };
         Ok((log, report))
+    }
+
+    /// Rebuilds the leader-epoch history from the batches' epochs (the checkpoint was
+    /// missing or damaged); reads every batch header once.
+    fn rebuild_epochs(&self) -> Result<EpochHistory> {
+        let mut h = EpochHistory::empty(&self.dir);
+        let end = self.log_end_offset();
+        let mut offset = self.log_start_offset();
+        while offset < end {
+            let data = self.read(offset, 8 << 20)?;
+            if data.is_empty() {
+                break;
+            }
+            for batch in crate::batch::BatchIter::new(data) {
+                let header = *batch?.header();
+                h.assign(header.partition_leader_epoch, header.base_offset)?;
+                offset = header.last_offset() + 1;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The leader-epoch history: each epoch and the first offset written in it.
+    pub fn epoch_history(&self) -> &EpochHistory {
+        &self.epochs
+    }
+
+    /// OffsetsForLeaderEpoch: the largest epoch not above `epoch` and the offset where it
+    /// ended here (the log end for the latest); `None` if `epoch` predates the history.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.epochs.end_offset_for(epoch, self.log_end_offset())
     }
 
     fn active(&self) -> &Segment {
@@ -267,6 +316,9 @@ impl Log {
         self.check_writable()?;
         let mut header = validate(batch, &self.validate_opts)?;
         let base_offset = self.log_end_offset();
+        // Recorded before the batch is written: a crash in between leaves an entry past
+        // the log end, which the next open drops.
+        self.epochs.assign(options.leader_epoch, base_offset)?;
         header.base_offset = base_offset;
         header.partition_leader_epoch = options.leader_epoch;
         let mut stamped = [0u8; HEADER_LEN];
@@ -305,6 +357,8 @@ impl Log {
                 got: header.base_offset,
             });
         }
+        self.epochs
+            .assign(header.partition_leader_epoch, header.base_offset)?;
         let mut stamped = [0u8; HEADER_LEN];
         stamped.copy_from_slice(&batch[..HEADER_LEN]);
         self.write_batch(&stamped, &batch[HEADER_LEN..], &header)?;
@@ -469,6 +523,7 @@ impl Log {
         }
         if n > 0 {
             sync_dir(&self.dir)?;
+            self.epochs.truncate_from_start(self.log_start_offset())?;
         }
         Ok(n)
     }
@@ -491,6 +546,7 @@ impl Log {
         }
         if !doomed.is_empty() {
             sync_dir(&self.dir)?;
+            self.epochs.truncate_from_start(self.log_start_offset())?;
         }
         Ok(doomed.len())
     }
@@ -519,6 +575,7 @@ impl Log {
         let new_end = self.active_mut().truncate_to(offset)?;
         sync_dir(&self.dir)?;
         self.recovery_point = self.recovery_point.min(new_end);
+        self.epochs.truncate_from_end(new_end)?;
         Ok(new_end)
     }
 
@@ -534,7 +591,7 @@ impl Log {
         );
         sync_dir(&self.dir)?;
         self.recovery_point = start_offset;
-        Ok(())
+        self.epochs.clear()
     }
 
     /// Checks every batch in every segment (length, CRC, offset order); returns the

@@ -562,3 +562,83 @@ fn deleting_before_an_offset_drops_whole_sealed_segments_only() {
     let log = Log::open(dir.path(), small_config()).expect("reopen");
     assert_eq!(log.log_end_offset(), end, "survives a reopen");
 }
+
+fn with_epoch(epoch: i32) -> AppendOptions {
+    AppendOptions {
+        leader_epoch: epoch,
+        ..AppendOptions::default()
+    }
+}
+
+#[test]
+fn the_leader_epoch_history_follows_appends_truncation_and_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    for (i, epoch) in [0, 0, 1, 1, 1, 4].into_iter().enumerate() {
+        log.append(&batch("e", 5, i as i64), with_epoch(epoch))
+            .expect("append");
+    }
+    let starts: Vec<(i32, u64)> = log
+        .epoch_history()
+        .entries()
+        .iter()
+        .map(|e| (e.epoch, e.start_offset))
+        .collect();
+    assert_eq!(starts, [(0, 0), (1, 10), (4, 25)]);
+    assert_eq!(log.end_offset_for_epoch(4), Some((4, 30)));
+    assert_eq!(
+        log.end_offset_for_epoch(3),
+        Some((1, 25)),
+        "epoch 3 never wrote"
+    );
+    // The batches carry their epoch, so a stale leader's epoch is visible on disk too.
+    let first = sluice_log_store::BatchIter::new(log.read(25, 1).expect("read"))
+        .next()
+        .expect("batch")
+        .expect("valid");
+    assert_eq!(first.header().partition_leader_epoch, 4);
+
+    // A divergent tail cut off: its epoch goes with it, and stays gone after a reopen.
+    log.truncate_to(25).expect("truncate");
+    assert_eq!(log.end_offset_for_epoch(4), Some((1, 25)));
+    log.close().expect("close");
+    let mut log = Log::open(dir.path(), small_config()).expect("reopen");
+    assert_eq!(log.epoch_history().latest_epoch(), Some(1));
+
+    // A follower's copy keeps the leader's epochs.
+    let mut replica =
+        sluice_log_store::RecordBatchBuilder::new(sluice_log_store::Compression::None);
+    replica.append(1, None, Some(b"r"), &[]);
+    let mut bytes = replica.build().expect("build").to_vec();
+    sluice_log_store::batch::set_base_offset(&mut bytes, 25);
+    sluice_log_store::batch::set_partition_leader_epoch(&mut bytes, 6);
+    log.append_replicated(&bytes).expect("replicated");
+    assert_eq!(log.end_offset_for_epoch(6), Some((6, 26)));
+    drop(log);
+
+    // A damaged checkpoint is rebuilt from the batches, not trusted and not fatal.
+    fs::write(
+        dir.path().join(sluice_log_store::epochs::CHECKPOINT_FILE),
+        "garbage",
+    )
+    .expect("damage");
+    let log = Log::open(dir.path(), small_config()).expect("reopen");
+    let rebuilt: Vec<(i32, u64)> = log
+        .epoch_history()
+        .entries()
+        .iter()
+        .map(|e| (e.epoch, e.start_offset))
+        .collect();
+    assert_eq!(rebuilt, [(0, 0), (1, 10), (6, 25)]);
+    drop(log);
+
+    // An epoch recorded just before a crash lost its batch lies past the log end: the
+    // next open drops it.
+    fs::write(
+        dir.path().join(sluice_log_store::epochs::CHECKPOINT_FILE),
+        "0\n3\n0 0\n6 25\n9 26\n",
+    )
+    .expect("write");
+    let log = Log::open(dir.path(), small_config()).expect("reopen");
+    assert_eq!(log.epoch_history().latest_epoch(), Some(6));
+}
