@@ -297,6 +297,13 @@ impl Producer {
         }
     }
 
+    /// The number of partitions of `topic`, fetched once and cached (Kafka's
+    /// `partitionsFor`); calling it before sending takes the metadata lookup off the
+    /// first record's latency.
+    pub async fn partitions_for(&self, topic: &str) -> Result<u32> {
+        self.partition_count(&Arc::from(topic)).await
+    }
+
     async fn partition_count(&self, topic: &Arc<str>) -> Result<u32> {
         match self.accumulator.partition_count(topic) {
             Some(n) => Ok(n),

@@ -159,6 +159,8 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             ..ProducerConfig::default()
         })
         .await?;
+        // Metadata is looked up before the clock starts, not charged to the first record.
+        producer.partitions_for(&args.topic).await?;
         let pool = pool.clone();
         let topic: std::sync::Arc<str> = args.topic.as_str().into();
         // Each producer gets its share of the rate.
@@ -167,8 +169,9 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         tasks.push(tokio::spawn(async move {
             // Futures reach the waiter in chunks: one channel message per record would
             // cost the load tool more than the producer. A chunk is handed over when full
-            // or, under a rate limit, at once, so latency is never measured late.
-            let chunk_len = if interval.is_some() { 1 } else { 256 };
+            // and, under a rate limit, before every pause, so no record waits in it while
+            // the sender sleeps (which would count against the broker).
+            let chunk_len = 256;
             let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(n as usize);
@@ -197,6 +200,13 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                         // The timer ticks in milliseconds: sleeping for a moment already
                         // past would still wait for the next tick and halve the rate.
                         if at > Instant::now() {
+                            if !chunk.is_empty() {
+                                let ready =
+                                    std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
+                                if tx.send(ready).await.is_err() {
+                                    break;
+                                }
+                            }
                             tokio::time::sleep_until(at.into()).await;
                         }
                         at
