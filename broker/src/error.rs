@@ -83,6 +83,9 @@ pub enum BrokerError {
     /// A group member that is no longer in the group, or asks for what it does not hold.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// A metadata write reached a controller that is not the Raft leader.
+    #[error("this broker is not the active controller{}", .0.map(|l| format!("; node {l} is")).unwrap_or_default())]
+    NotController(Option<u64>),
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,

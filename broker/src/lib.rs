@@ -14,6 +14,7 @@
 //! ```
 
 pub mod config;
+pub mod controller;
 pub mod error;
 pub mod group;
 pub mod grpc;

@@ -76,6 +76,12 @@ fn reason(e: &BrokerError) -> (ErrorReason, Vec<(String, String)>) {
         E::TopicExists(_) => (ErrorReason::TopicExists, vec![]),
         E::UnknownGroup(_) => (ErrorReason::UnknownGroup, vec![]),
         E::Fenced(_) => (ErrorReason::Fenced, vec![]),
+        E::NotController(leader) => (
+            ErrorReason::NotLeader,
+            leader
+                .map(|l| vec![("controller_id".to_string(), l.to_string())])
+                .unwrap_or_default(),
+        ),
         E::InvalidTopic(_) => (ErrorReason::InvalidTopic, vec![]),
         E::InvalidConfig(_) => (ErrorReason::InvalidConfig, vec![]),
         E::InvalidPartitions(_) => (ErrorReason::InvalidPartitions, vec![]),
