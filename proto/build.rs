@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sluice/v1/fetch.proto",
         "proto/sluice/v1/admin.proto",
         "proto/sluice/v1/group.proto",
+        "proto/sluice/v1/controller.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

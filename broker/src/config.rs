@@ -49,6 +49,10 @@ pub struct BrokerArgs {
         value_delimiter = ','
     )]
     pub topic_config: Vec<String>,
+    /// The metadata controller quorum, `id@host:port,…` (each member's gRPC address);
+    /// empty for a single broker without Raft.
+    #[arg(long, env = "SLUICE_CONTROLLER_QUORUM")]
+    pub controller_quorum: Option<String>,
     /// A group member silent this long is removed, in ms [default: 45000].
     #[arg(long, env = "SLUICE_GROUP_SESSION_TIMEOUT_MS")]
     pub group_session_timeout_ms: Option<u64>,
@@ -76,6 +80,7 @@ struct FileConfig {
     group_session_timeout_ms: Option<u64>,
     group_heartbeat_interval_ms: Option<u64>,
     offsets_retention_minutes: Option<u64>,
+    controller_quorum: Option<String>,
 }
 
 /// The broker's effective configuration.
@@ -105,6 +110,8 @@ pub struct BrokerConfig {
     pub offsets_retention: Duration,
     /// `__consumer_offsets` is compacted once it holds this many superseded records.
     pub offsets_compact_after_records: u64,
+    /// Controller quorum members (id, gRPC address); empty on a single broker.
+    pub controller_quorum: Vec<(u64, String)>,
 }
 
 /// The default listen address.
@@ -128,6 +135,7 @@ impl Default for BrokerConfig {
             group_heartbeat_interval: Duration::from_secs(3),
             offsets_retention: Duration::from_secs(7 * 24 * 60 * 60),
             offsets_compact_after_records: 100_000,
+            controller_quorum: Vec::new(),
         }
     }
 }
@@ -188,6 +196,10 @@ impl BrokerConfig {
                 .or(file.offsets_retention_minutes)
                 .map_or(d.offsets_retention, |m| Duration::from_secs(m * 60)),
             offsets_compact_after_records: d.offsets_compact_after_records,
+            controller_quorum: match args.controller_quorum.or(file.controller_quorum) {
+                Some(text) => parse_quorum(&text)?,
+                None => Vec::new(),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -210,6 +222,17 @@ impl BrokerConfig {
                 self.group_session_timeout.as_millis()
             ));
         }
+        if !self.controller_quorum.is_empty()
+            && !self
+                .controller_quorum
+                .iter()
+                .any(|(id, _)| *id == u64::from(self.node_id))
+        {
+            return Err(format!(
+                "--node-id {} is not in --controller-quorum",
+                self.node_id
+            ));
+        }
         self.topic_config()?;
         Ok(())
     }
@@ -219,6 +242,35 @@ impl BrokerConfig {
         TopicConfig::resolve(&TopicConfig::default(), &self.topic_defaults)
             .map_err(|e| format!("default topic config: {e}"))
     }
+}
+
+/// Parses `1@host:port,2@host:port`.
+pub fn parse_quorum(text: &str) -> Result<Vec<(u64, String)>, String> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('@')
+            .ok_or_else(|| format!("controller quorum member {part:?}: expected id@host:port"))?;
+        let id: u64 = id.parse().ok().filter(|&i| i > 0).ok_or_else(|| {
+            format!("controller quorum member {part:?}: the id must be a positive number")
+        })?;
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "controller quorum member {part:?}: expected id@host:port"
+            ));
+        }
+        if out.iter().any(|(i, _)| *i == id) {
+            return Err(format!("controller quorum names node {id} twice"));
+        }
+        out.push((id, addr.to_string()));
+    }
+    if out.is_empty() {
+        return Err("the controller quorum is empty".into());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -275,5 +327,16 @@ mod tests {
         })
         .expect_err("unknown key");
         assert!(err.contains("nodeid"), "{err}");
+    }
+
+    #[test]
+    fn quorums_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_quorum("1@127.0.0.1:9292, 2@b:9293").expect("ok"),
+            vec![(1, "127.0.0.1:9292".to_string()), (2, "b:9293".to_string())]
+        );
+        for bad in ["", "1@", "x@a:1", "0@a:1", "1@a", "1@a:1,1@b:2", "1@:5"] {
+            assert!(parse_quorum(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -40,16 +40,24 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::{BrokerArgs, BrokerConfig};
 pub use error::BrokerError;
 
+use controller::{Controller, ControllerConfig};
 use group::{CoordinatorConfig, GroupCoordinator};
 use grpc::admin::AdminSvc;
+use grpc::controller::ControllerSvc;
 use grpc::fetch::FetchSvc;
 use grpc::group::GroupSvc;
 use grpc::produce::ProduceSvc;
 use grpc::Context;
+use sluice_proto::v1::controller_service_server::ControllerServiceServer;
 use topic::manager::{TopicDefaults, Topics};
 
 /// Largest gRPC message accepted or sent (a produce carries one batch; a fetch many).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// How often a broker in a cluster heartbeats into the metadata log.
+const BROKER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// A broker silent this long is shown as not alive.
+const BROKER_SESSION: Duration = Duration::from_secs(6);
 
 /// How long in-flight requests may take to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -119,11 +127,24 @@ impl Broker {
             },
         )
         .await?;
+        let controller = if config.controller_quorum.is_empty() {
+            None
+        } else {
+            Some(Controller::start(ControllerConfig {
+                node_id: u64::from(config.node_id),
+                advertised_addr: config.advertised_addr.clone(),
+                quorum: config.controller_quorum.clone(),
+                dir: config.data_dir.join("raft"),
+                heartbeat_interval: BROKER_HEARTBEAT,
+                session_timeout: BROKER_SESSION,
+            })?)
+        };
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Context {
             config,
             topics: topics.clone(),
             groups,
+            controller: controller.clone(),
             cluster_id,
             stopping,
         });
@@ -148,6 +169,9 @@ impl Broker {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let admin = AdminServiceServer::new(AdminSvc::new(Arc::clone(&ctx)));
         let group = GroupServiceServer::new(GroupSvc::new(Arc::clone(&ctx)));
+        let controller_svc = controller
+            .clone()
+            .map(|c| ControllerServiceServer::new(ControllerSvc::new(c)));
 
         // A single node is part of its cluster as soon as its topics are open.
         health_reporter
@@ -189,7 +213,8 @@ impl Broker {
             .add_service(produce)
             .add_service(fetch)
             .add_service(admin)
-            .add_service(group);
+            .add_service(group)
+            .add_optional_service(controller_svc);
         let incoming = TcpListenerStream::new(listener);
         tracing::info!(address = %local_addr, node_id = ctx.config.node_id, data_dir = %ctx.config.data_dir.display(), "sluice broker started");
         let done = tokio::spawn(async move {
@@ -211,6 +236,9 @@ impl Broker {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             // In-flight requests are done; close every log cleanly.
+            if let Some(c) = &controller {
+                c.shutdown().await;
+            }
             topics.shutdown().await;
             tracing::info!("sluice broker stopped");
             served.map_err(|e| BrokerError::Internal(format!("gRPC server: {e}")))

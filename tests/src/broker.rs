@@ -65,9 +65,15 @@ impl BrokerProcess {
     /// Starts `sluice-broker --listen 127.0.0.1:0 --data-dir DIR ARGS…` and waits for its
     /// "listening on" line (at most 30 s).
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        Self::start_on(data_dir, "127.0.0.1:0", args)
+    }
+
+    /// Like [`BrokerProcess::start`] on a chosen address (cluster members must know each
+    /// other's addresses before they start).
+    pub fn start_on(data_dir: &Path, listen: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new(binary("sluice-broker"));
         cmd.arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)

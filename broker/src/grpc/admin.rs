@@ -190,6 +190,26 @@ impl AdminService for AdminSvc {
         _request: Request<DescribeClusterRequest>,
     ) -> Result<Response<DescribeClusterResponse>, Status> {
         let node = self.ctx.config.node_id as i32;
+        if let Some(c) = &self.ctx.controller {
+            let status = c.status().await.map_err(|e| to_status(&e))?;
+            let md = c.metadata();
+            return Ok(Response::new(DescribeClusterResponse {
+                cluster_id: self.ctx.cluster_id.clone(),
+                brokers: md
+                    .brokers
+                    .iter()
+                    .map(|(id, b)| BrokerDescription {
+                        node_id: *id as i32,
+                        address: b.address.clone(),
+                        alive: c.is_alive(b),
+                    })
+                    .collect(),
+                controller_id: status.leader.map_or(-1, |l| l as i32),
+                raft_term: status.term,
+                raft_commit_index: status.commit,
+                answered_by: node,
+            }));
+        }
         Ok(Response::new(DescribeClusterResponse {
             cluster_id: self.ctx.cluster_id.clone(),
             brokers: vec![BrokerDescription {

@@ -2,6 +2,7 @@
 //! become gRPC statuses.
 
 pub mod admin;
+pub mod controller;
 pub mod fetch;
 pub mod group;
 pub mod produce;
@@ -24,6 +25,8 @@ pub struct Context {
     pub topics: Topics,
     /// The consumer group coordinator.
     pub groups: crate::group::GroupCoordinator,
+    /// This broker's controller-quorum member, when the broker runs in a cluster.
+    pub controller: Option<crate::controller::Controller>,
     /// This cluster's id, kept in the data directory.
     pub cluster_id: String,
     /// Turns true when the broker starts shutting down; long-lived calls end then.
