@@ -137,6 +137,7 @@ impl Broker {
                 dir: config.data_dir.join("raft"),
                 heartbeat_interval: BROKER_HEARTBEAT,
                 session_timeout: BROKER_SESSION,
+                cluster_id: cluster_id.clone(),
             })?)
         };
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);

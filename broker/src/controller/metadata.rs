@@ -14,6 +14,12 @@ use crate::error::{BrokerError, Result};
 /// A command of the metadata log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Names the cluster; only the first one committed counts, so every member ends up
+    /// with the same id whichever proposed first.
+    InitCluster {
+        /// The cluster id.
+        id: String,
+    },
     /// A broker is up at `address`; sent every heartbeat interval.
     Heartbeat {
         /// Broker id.
@@ -44,6 +50,8 @@ pub struct BrokerInfo {
 /// The whole metadata state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
+    /// The cluster's id, once one was committed.
+    pub cluster_id: Option<String>,
     /// Brokers by id.
     pub brokers: BTreeMap<u64, BrokerInfo>,
 }
@@ -80,6 +88,11 @@ impl StateMachine for MetadataMachine {
             }
         };
         match cmd {
+            Command::InitCluster { id } => {
+                if self.state.cluster_id.is_none() {
+                    self.state.cluster_id = Some(id);
+                }
+            }
             Command::Heartbeat { id, address, at_ms } => {
                 let b = self.state.brokers.entry(id).or_insert(BrokerInfo {
                     address: address.clone(),
@@ -102,5 +115,31 @@ impl StateMachine for MetadataMachine {
             .map_err(|e| BrokerError::Storage(format!("controller snapshot: {e}")))?;
         self.publish.send_replace(Arc::new(self.state.clone()));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_cluster_id_wins_and_snapshots_round_trip() {
+        let (mut m, rx) = MetadataMachine::new();
+        for id in ["first", "second"] {
+            let cmd = Command::InitCluster { id: id.into() };
+            m.apply(&cmd.encode().expect("encode"));
+        }
+        let hb = Command::Heartbeat {
+            id: 2,
+            address: "b:1".into(),
+            at_ms: 5,
+        };
+        m.apply(&hb.encode().expect("encode"));
+        m.apply(b"not a command");
+        assert_eq!(rx.borrow().cluster_id.as_deref(), Some("first"));
+        assert_eq!(rx.borrow().brokers[&2].last_heartbeat_ms, 5);
+        let (mut other, rx2) = MetadataMachine::new();
+        other.restore(&m.snapshot()).expect("restore");
+        assert_eq!(**rx2.borrow(), **rx.borrow());
     }
 }

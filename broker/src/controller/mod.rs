@@ -37,6 +37,8 @@ pub struct ControllerConfig {
     pub heartbeat_interval: Duration,
     /// A broker silent this long is shown as not alive.
     pub session_timeout: Duration,
+    /// This broker's own cluster id, proposed as the cluster's if none is set yet.
+    pub cluster_id: String,
 }
 
 /// This broker's member of the controller quorum; cheap to clone.
@@ -89,11 +91,21 @@ impl Controller {
                 config.advertised_addr.clone(),
                 config.heartbeat_interval,
             );
+            let cluster_id = config.cluster_id.clone();
+            let named = metadata.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
+                    if named.borrow().cluster_id.is_none() {
+                        let init = Command::InitCluster {
+                            id: cluster_id.clone(),
+                        };
+                        if let Err(e) = propose_via(&node, &quorum, &init, 1).await {
+                            tracing::debug!(error = %e, "cluster id not committed yet");
+                        }
+                    }
                     let cmd = Command::Heartbeat {
                         id,
                         address: address.clone(),

@@ -194,7 +194,10 @@ impl AdminService for AdminSvc {
             let status = c.status().await.map_err(|e| to_status(&e))?;
             let md = c.metadata();
             return Ok(Response::new(DescribeClusterResponse {
-                cluster_id: self.ctx.cluster_id.clone(),
+                cluster_id: md
+                    .cluster_id
+                    .clone()
+                    .unwrap_or_else(|| self.ctx.cluster_id.clone()),
                 brokers: md
                     .brokers
                     .iter()
