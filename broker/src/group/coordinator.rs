@@ -679,6 +679,10 @@ impl Coordinator {
                 }
             }
         }
+        // A group nobody is in and that committed nothing leaves no trace.
+        let offsets = &self.offsets;
+        self.groups
+            .retain(|name, g| !g.members.is_empty() || offsets.contains_key(name));
         let retention = self.config.offsets_retention.as_millis() as i64;
         let now_ms = now_ms();
         let expired: Vec<String> = self
