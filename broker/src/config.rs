@@ -56,6 +56,10 @@ pub struct BrokerArgs {
     /// A group member silent this long is removed, in ms [default: 45000].
     #[arg(long, env = "SLUICE_GROUP_SESSION_TIMEOUT_MS")]
     pub group_session_timeout_ms: Option<u64>,
+    /// How long a group member may keep partitions it was told to give up before it is
+    /// removed, in ms [default: 300000].
+    #[arg(long, env = "SLUICE_GROUP_REBALANCE_TIMEOUT_MS")]
+    pub group_rebalance_timeout_ms: Option<u64>,
     /// How often group members heartbeat, in ms [default: 3000].
     #[arg(long, env = "SLUICE_GROUP_HEARTBEAT_INTERVAL_MS")]
     pub group_heartbeat_interval_ms: Option<u64>,
@@ -79,6 +83,7 @@ struct FileConfig {
     topic_config: BTreeMap<String, String>,
     group_session_timeout_ms: Option<u64>,
     group_heartbeat_interval_ms: Option<u64>,
+    group_rebalance_timeout_ms: Option<u64>,
     offsets_retention_minutes: Option<u64>,
     controller_quorum: Option<String>,
 }
@@ -106,6 +111,8 @@ pub struct BrokerConfig {
     pub group_session_timeout: Duration,
     /// How often members heartbeat (`group.consumer.heartbeat.interval.ms`).
     pub group_heartbeat_interval: Duration,
+    /// How long a member may keep partitions it was told to give up.
+    pub group_rebalance_timeout: Duration,
     /// Offsets of a group empty this long expire (`offsets.retention.minutes`).
     pub offsets_retention: Duration,
     /// `__consumer_offsets` is compacted once it holds this many superseded records.
@@ -133,6 +140,7 @@ impl Default for BrokerConfig {
             topic_defaults: BTreeMap::new(),
             group_session_timeout: Duration::from_secs(45),
             group_heartbeat_interval: Duration::from_secs(3),
+            group_rebalance_timeout: Duration::from_secs(300),
             offsets_retention: Duration::from_secs(7 * 24 * 60 * 60),
             offsets_compact_after_records: 100_000,
             controller_quorum: Vec::new(),
@@ -191,6 +199,10 @@ impl BrokerConfig {
                 .group_heartbeat_interval_ms
                 .or(file.group_heartbeat_interval_ms)
                 .map_or(d.group_heartbeat_interval, Duration::from_millis),
+            group_rebalance_timeout: args
+                .group_rebalance_timeout_ms
+                .or(file.group_rebalance_timeout_ms)
+                .map_or(d.group_rebalance_timeout, Duration::from_millis),
             offsets_retention: args
                 .offsets_retention_minutes
                 .or(file.offsets_retention_minutes)

@@ -122,6 +122,7 @@ impl Broker {
             CoordinatorConfig {
                 session_timeout: config.group_session_timeout,
                 heartbeat_interval: config.group_heartbeat_interval,
+                rebalance_timeout: config.group_rebalance_timeout,
                 offsets_retention: config.offsets_retention,
                 compact_after_records: config.offsets_compact_after_records,
             },

@@ -678,3 +678,102 @@ async fn a_joining_member_takes_only_what_moves() {
     first.close().await.expect("close");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_lets_go_is_removed_after_the_rebalance_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |c| {
+        c.group_heartbeat_interval = Duration::from_millis(100);
+        c.group_rebalance_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("t", 2))
+        .await
+        .expect("create");
+    let mut groups = GroupServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let beat = |member_id: &str, epoch: i32, owned: Vec<i32>| HeartbeatRequest {
+        group_id: "g".into(),
+        member_id: member_id.into(),
+        member_epoch: epoch,
+        subscribed_topics: vec!["t".into()],
+        assignor: "range".into(),
+        owned: if owned.is_empty() {
+            vec![]
+        } else {
+            vec![sluice_proto::v1::TopicPartitions {
+                topic: "t".into(),
+                partitions: owned,
+            }]
+        },
+    };
+    let stuck = groups
+        .heartbeat(beat("", 0, vec![]))
+        .await
+        .expect("join")
+        .into_inner();
+    // The first member takes both partitions and keeps saying it owns them, heartbeat
+    // after heartbeat, as a consumer whose application stopped polling would.
+    let stuck = groups
+        .heartbeat(beat(&stuck.member_id, stuck.member_epoch, vec![0, 1]))
+        .await
+        .expect("beat")
+        .into_inner();
+    let newcomer = groups
+        .heartbeat(beat("", 0, vec![]))
+        .await
+        .expect("join")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut stuck_epoch = stuck.member_epoch;
+    let mut newcomer_epoch = newcomer.member_epoch;
+    let mut stuck_removed = false;
+    while got.len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the newcomer never got both partitions"
+        );
+        if !stuck_removed {
+            match groups
+                .heartbeat(beat(&stuck.member_id, stuck_epoch, vec![0, 1]))
+                .await
+            {
+                Ok(r) => stuck_epoch = r.into_inner().member_epoch,
+                Err(status) => {
+                    assert_eq!(
+                        ClientError::from(status).reason(),
+                        Some(ErrorReason::Fenced)
+                    );
+                    stuck_removed = true;
+                }
+            }
+        }
+        let r = groups
+            .heartbeat(beat(&newcomer.member_id, newcomer_epoch, got.clone()))
+            .await
+            .expect("beat")
+            .into_inner();
+        newcomer_epoch = r.member_epoch;
+        got = r
+            .assignment
+            .iter()
+            .flat_map(|t| t.partitions.clone())
+            .collect();
+        // While the stuck member claims both partitions the newcomer gets neither.
+        assert!(
+            stuck_removed || got.is_empty(),
+            "given {got:?} while still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stuck_removed,
+        "the stuck member was removed, not left holding partitions"
+    );
+    broker.stop().await;
+}

@@ -139,6 +139,9 @@ pub struct CoordinatorConfig {
     pub session_timeout: Duration,
     /// How often members heartbeat.
     pub heartbeat_interval: Duration,
+    /// How long a member may keep partitions it was told to give up (Kafka's
+    /// `max.poll.interval.ms` plays this part).
+    pub rebalance_timeout: Duration,
     /// Offsets of a group empty this long expire.
     pub offsets_retention: Duration,
     /// Compact `__consumer_offsets` once it holds this many more records than there
@@ -158,6 +161,9 @@ struct Member {
     owned: BTreeSet<Tp>,
     current: BTreeSet<Tp>,
     deadline: Instant,
+    /// Set while the member still holds partitions it was told to give up: past this
+    /// it is removed, so one stuck member cannot hold partitions forever.
+    revoke_by: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -447,6 +453,7 @@ impl Coordinator {
                     owned: BTreeSet::new(),
                     current: BTreeSet::new(),
                     deadline: now + session,
+                    revoke_by: None,
                 },
             );
             group.assignor = Some(strategy);
@@ -504,6 +511,11 @@ impl Coordinator {
         let epoch = group.epoch;
         if let Some(m) = group.members.get_mut(&member_id) {
             m.epoch = epoch;
+            if m.owned.is_subset(&m.current) {
+                m.revoke_by = None;
+            } else if m.revoke_by.is_none() {
+                m.revoke_by = Some(now + self.config.rebalance_timeout);
+            }
         }
         Ok(HeartbeatAnswer {
             member_id,
@@ -664,11 +676,15 @@ impl Coordinator {
         for (name, g) in &mut self.groups {
             let before = g.members.len();
             g.members.retain(|id, m| {
-                let alive = m.deadline > now;
-                if !alive {
+                if m.deadline <= now {
                     tracing::info!(group = %name, member = %id, "member removed: session timed out");
+                    return false;
                 }
-                alive
+                if m.revoke_by.is_some_and(|t| t <= now) {
+                    tracing::info!(group = %name, member = %id, "member removed: it kept partitions past the rebalance timeout");
+                    return false;
+                }
+                true
             });
             let counts = partition_counts(&topics, g);
             if g.members.len() != before || (!g.members.is_empty() && counts != g.partitions) {
