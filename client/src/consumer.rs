@@ -317,8 +317,36 @@ impl Consumer {
                 "subscribe needs at least one topic".into(),
             ));
         }
+        self.join_group(group, topics, String::new());
+        Ok(())
+    }
+
+    /// Like [`Consumer::subscribe`], for every topic whose whole name matches the
+    /// regular expression `pattern`, now and as topics are created (internal topics
+    /// never match). The broker checks the pattern; a bad one fails the next `poll`.
+    pub fn subscribe_pattern(&mut self, pattern: &str) -> Result<()> {
+        let Some(group) = self.config.group_id.clone() else {
+            return Err(ClientError::InvalidArgument(
+                "subscribe needs a group_id in the consumer config".into(),
+            ));
+        };
+        if pattern.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "the subscription pattern is empty".into(),
+            ));
+        }
+        self.join_group(group, Default::default(), pattern.to_string());
+        Ok(())
+    }
+
+    fn join_group(
+        &mut self,
+        group: String,
+        topics: std::collections::BTreeSet<String>,
+        pattern: String,
+    ) {
         match &self.membership {
-            Some(m) => m.subscribe(topics),
+            Some(m) => m.subscribe(topics, pattern),
             None => {
                 self.positions.clear();
                 self.membership = Some(Membership::join(
@@ -326,10 +354,10 @@ impl Consumer {
                     group,
                     self.config.group_assignor.clone(),
                     topics,
+                    pattern,
                 ));
             }
         }
-        Ok(())
     }
 
     /// Calls `listener(revoked, assigned)` whenever the group changes this member's

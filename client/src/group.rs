@@ -21,6 +21,8 @@ struct MemberState {
     member_id: String,
     epoch: i32,
     topics: BTreeSet<String>,
+    /// A regular expression subscribing every topic whose whole name matches.
+    pattern: String,
     /// The coordinator's latest answer (`None` before the first).
     assignment: Option<BTreeSet<TopicPartition>>,
     /// What the consumer has adopted.
@@ -86,11 +88,13 @@ impl Membership {
         group: String,
         assignor: String,
         topics: BTreeSet<String>,
+        pattern: String,
     ) -> Membership {
         let client = GroupServiceClient::new(channel);
         let shared = Arc::new(Shared {
             state: Mutex::new(MemberState {
                 topics,
+                pattern,
                 ..MemberState::default()
             }),
             wake: Notify::new(),
@@ -112,8 +116,12 @@ impl Membership {
     }
 
     /// Changes the subscription; the next heartbeat (sent now) tells the coordinator.
-    pub fn subscribe(&self, topics: BTreeSet<String>) {
-        self.shared.lock().topics = topics;
+    pub fn subscribe(&self, topics: BTreeSet<String>, pattern: String) {
+        {
+            let mut st = self.shared.lock();
+            st.topics = topics;
+            st.pattern = pattern;
+        }
         self.shared.wake.notify_one();
     }
 
@@ -185,6 +193,7 @@ impl Membership {
                 subscribed_topics: topics.into_iter().collect(),
                 assignor: self.assignor.clone(),
                 owned: Vec::new(),
+                subscribed_pattern: String::new(),
             })
             .await?;
         Ok(())
@@ -215,6 +224,7 @@ async fn heartbeat_loop(
                 subscribed_topics: st.topics.iter().cloned().collect(),
                 assignor: assignor.clone(),
                 owned: to_wire(&st.owned),
+                subscribed_pattern: st.pattern.clone(),
             }
         };
         let wait;

@@ -442,6 +442,7 @@ async fn stale_members_are_fenced_and_bad_requests_refused() {
         subscribed_topics: vec!["t".into()],
         assignor: assignor.into(),
         owned: vec![],
+        subscribed_pattern: String::new(),
     };
     let first = groups
         .heartbeat(join("", 0, "range"))
@@ -710,6 +711,7 @@ async fn a_member_that_never_lets_go_is_removed_after_the_rebalance_timeout() {
                 partitions: owned,
             }]
         },
+        subscribed_pattern: String::new(),
     };
     let stuck = groups
         .heartbeat(beat("", 0, vec![]))
@@ -775,5 +777,73 @@ async fn a_member_that_never_lets_go_is_removed_after_the_rebalance_timeout() {
         stuck_removed,
         "the stuck member was removed, not left holding partitions"
     );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_subscription_follows_matching_topics_as_they_appear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |c| {
+        c.group_heartbeat_interval = Duration::from_millis(100);
+    })
+    .await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    for t in ["orders.eu", "orders.us", "other"] {
+        admin
+            .create_topic(NewTopic::new(t, 1))
+            .await
+            .expect("create");
+        produce(&addr, t, Some(0), 3).await;
+    }
+    let mut consumer = Consumer::connect(consumer_config(&addr, "pattern"))
+        .await
+        .expect("consumer");
+    consumer
+        .subscribe_pattern(r"orders\..*")
+        .expect("subscribe");
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    poll_until(&mut consumer, "both orders topics", |r| {
+        for rec in r {
+            *seen.entry(rec.topic.to_string()).or_default() += 1;
+        }
+        seen.values().sum::<usize>() >= 6
+    })
+    .await;
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        ["orders.eu", "orders.us"],
+        "only matching topics"
+    );
+    // A topic created later that matches joins the subscription.
+    admin
+        .create_topic(NewTopic::new("orders.asia", 1))
+        .await
+        .expect("create");
+    produce(&addr, "orders.asia", Some(0), 3).await;
+    let mut asia = 0;
+    poll_until(&mut consumer, "the new topic", |r| {
+        asia += r.iter().filter(|rec| &*rec.topic == "orders.asia").count();
+        asia == 3
+    })
+    .await;
+    consumer.close().await.expect("close");
+
+    // A pattern the broker cannot compile is an error, not a silent empty subscription.
+    let mut bad = Consumer::connect(consumer_config(&addr, "bad-pattern"))
+        .await
+        .expect("consumer");
+    bad.subscribe_pattern("orders(").expect("accepted locally");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match bad.poll(Duration::from_millis(200)).await {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "the bad pattern was never refused"
+            ),
+        }
+    };
+    assert_eq!(err.reason(), Some(ErrorReason::InvalidRequest), "{err}");
     broker.stop().await;
 }

@@ -32,6 +32,8 @@ pub struct Heartbeat {
     pub member_epoch: i32,
     /// Subscribed topics.
     pub topics: BTreeSet<String>,
+    /// A regular expression subscribing every topic whose whole name matches.
+    pub pattern: Option<String>,
     /// Assignor asked for (empty: the default).
     pub assignor: String,
     /// Partitions the member consumes now.
@@ -157,6 +159,10 @@ pub struct GroupCoordinator {
 
 struct Member {
     epoch: i32,
+    /// The subscription as asked: names, and a pattern.
+    explicit: BTreeSet<String>,
+    pattern: Option<regex::Regex>,
+    /// The subscription resolved against the topics that exist now.
     topics: BTreeSet<String>,
     owned: BTreeSet<Tp>,
     current: BTreeSet<Tp>,
@@ -414,6 +420,14 @@ impl Coordinator {
                 "unknown assignor {name:?}: use range, roundrobin or sticky"
             ))
         })?;
+        let pattern = match hb.pattern.as_deref().filter(|p| !p.is_empty()) {
+            Some(p) => Some(regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                BrokerError::InvalidRequest(format!("subscription pattern {p:?}: {e}"))
+            })?),
+            None => None,
+        };
+        let md = self.topics.metadata();
+        let resolved = resolve(&hb.topics, pattern.as_ref(), &md);
         let now = Instant::now();
         let session = self.config.session_timeout;
         let group = self.groups.entry(hb.group.clone()).or_default();
@@ -449,7 +463,9 @@ impl Coordinator {
                 id.clone(),
                 Member {
                     epoch: 0,
-                    topics: hb.topics.clone(),
+                    explicit: hb.topics.clone(),
+                    pattern,
+                    topics: resolved,
                     owned: BTreeSet::new(),
                     current: BTreeSet::new(),
                     deadline: now + session,
@@ -480,8 +496,10 @@ impl Coordinator {
                 )));
             }
             m.deadline = now + session;
-            if m.topics != hb.topics {
-                m.topics = hb.topics.clone();
+            m.explicit = hb.topics.clone();
+            m.pattern = pattern;
+            if m.topics != resolved {
+                m.topics = resolved;
                 changed = true;
             }
             m.owned = hb.owned.clone();
@@ -673,7 +691,17 @@ impl Coordinator {
     async fn sweep(&mut self) {
         let now = Instant::now();
         let topics = self.topics.clone();
+        let md = topics.metadata();
         for (name, g) in &mut self.groups {
+            // Pattern subscriptions follow topics as they are created and deleted.
+            let mut resubscribed = false;
+            for m in g.members.values_mut() {
+                let now_topics = resolve(&m.explicit, m.pattern.as_ref(), &md);
+                if now_topics != m.topics {
+                    m.topics = now_topics;
+                    resubscribed = true;
+                }
+            }
             let before = g.members.len();
             g.members.retain(|id, m| {
                 if m.deadline <= now {
@@ -687,7 +715,10 @@ impl Coordinator {
                 true
             });
             let counts = partition_counts(&topics, g);
-            if g.members.len() != before || (!g.members.is_empty() && counts != g.partitions) {
+            if g.members.len() != before
+                || resubscribed
+                || (!g.members.is_empty() && counts != g.partitions)
+            {
                 g.partitions = counts;
                 retarget(g);
                 if g.members.is_empty() {
@@ -729,6 +760,25 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// A subscription resolved against the topics that exist: the names given, and every
+/// non-internal topic the pattern matches whole.
+fn resolve(
+    explicit: &BTreeSet<String>,
+    pattern: Option<&regex::Regex>,
+    md: &crate::topic::manager::Metadata,
+) -> BTreeSet<String> {
+    let mut out = explicit.clone();
+    if let Some(p) = pattern {
+        out.extend(
+            md.topics
+                .keys()
+                .filter(|t| !t.starts_with("__") && p.is_match(t))
+                .cloned(),
+        );
+    }
+    out
 }
 
 /// Partition counts of every topic some member subscribes to (unknown topics left out).

@@ -88,6 +88,7 @@ impl GroupService for GroupSvc {
                 member_id: req.member_id,
                 member_epoch: req.member_epoch,
                 topics: req.subscribed_topics.into_iter().collect(),
+                pattern: (!req.subscribed_pattern.is_empty()).then_some(req.subscribed_pattern),
                 assignor: req.assignor,
                 owned,
             })
