@@ -84,15 +84,26 @@ fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
 
     let info = wait_for(&addrs[1], &[1, 2, 3], None);
     let controller = info["controller_id"].as_i64().expect("controller");
-    // One cluster id, committed through Raft, whichever broker answers.
-    let ids: Vec<String> = addrs
-        .iter()
-        .map(|a| {
-            let i = wait_for(a, &[1, 2, 3], None);
-            i["cluster_id"].as_str().unwrap_or_default().to_string()
-        })
-        .collect();
-    assert!(ids.iter().all(|i| !i.is_empty() && *i == ids[0]), "{ids:?}");
+    // One cluster id, committed through Raft, whichever broker answers (each starts
+    // out proposing its own; the first committed wins everywhere).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                let i = wait_for(a, &[1, 2, 3], None);
+                i["cluster_id"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        if ids.iter().all(|i| !i.is_empty() && *i == ids[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "brokers never agreed on a cluster id: {ids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(info["raft_term"].as_u64().unwrap_or(0) >= 1, "{info}");
 
     // SIGKILL the active controller: the other two elect a new one, which sees the old
