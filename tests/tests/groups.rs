@@ -526,10 +526,26 @@ async fn stale_members_are_fenced_and_bad_requests_refused() {
     bad.offsets[0].partition = 7;
     let err = ClientError::from(groups.commit_offsets(bad).await.expect_err("not assigned"));
     assert_eq!(err.reason(), Some(ErrorReason::Fenced), "{err}");
+    let mut huge = commit.clone();
+    huge.member_id = String::new();
+    huge.group_id = "elsewhere".into();
+    huge.offsets[0].metadata = "m".repeat(5000);
+    let err = ClientError::from(
+        groups
+            .commit_offsets(huge)
+            .await
+            .expect_err("too much metadata"),
+    );
+    assert_eq!(err.reason(), Some(ErrorReason::InvalidRequest), "{err}");
     assert!(
         admin.group_offsets("g").await.expect("offsets").is_empty(),
         "nothing was stored"
     );
+    assert!(admin
+        .group_offsets("elsewhere")
+        .await
+        .expect("offsets")
+        .is_empty());
     broker.stop().await;
 }
 

@@ -19,6 +19,10 @@ use crate::group::assignor::Tp;
 use crate::group::coordinator::Heartbeat;
 use crate::group::offsets::{now_ms, Committed};
 
+/// Largest metadata string kept with a committed offset (Kafka's
+/// `offset.metadata.max.bytes`).
+const MAX_OFFSET_METADATA: usize = 4096;
+
 /// Serves `sluice.v1.GroupService`.
 #[derive(Debug, Clone)]
 pub struct GroupSvc {
@@ -120,6 +124,14 @@ impl GroupService for GroupSvc {
                     o.offset, o.partition, o.topic
                 ))));
             };
+            if o.metadata.len() > MAX_OFFSET_METADATA {
+                return Err(to_status(&BrokerError::InvalidRequest(format!(
+                    "offset metadata of {} bytes for {}-{} exceeds {MAX_OFFSET_METADATA} bytes",
+                    o.metadata.len(),
+                    o.topic,
+                    o.partition
+                ))));
+            }
             offsets.push((
                 (o.topic, partition),
                 Committed {
