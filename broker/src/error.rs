@@ -83,6 +83,18 @@ pub enum BrokerError {
     /// A group member that is no longer in the group, or asks for what it does not hold.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// This broker does not lead the partition.
+    #[error("this broker does not lead {topic}-{partition}{}", .leader.map(|l| format!("; broker {l} does")).unwrap_or_default())]
+    NotLeader {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i64,
+        /// The leader's id, if there is one.
+        leader: Option<u64>,
+        /// The leader's address, if known.
+        address: Option<String>,
+    },
     /// A metadata write reached a controller that is not the Raft leader.
     #[error("this broker is not the active controller{}", .0.map(|l| format!("; node {l} is")).unwrap_or_default())]
     NotController(Option<u64>),

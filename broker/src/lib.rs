@@ -141,6 +141,9 @@ impl Broker {
                 cluster_id: cluster_id.clone(),
             })?)
         };
+        if let Some(c) = &controller {
+            tokio::spawn(controller::topics::follow(c.clone(), topics.clone()));
+        }
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Context {
             config,

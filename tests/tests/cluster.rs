@@ -147,3 +147,159 @@ fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
         assert!(b.sigterm(), "broker stops cleanly");
     }
 }
+
+fn sluice_ok(addr: &str, args: &[&str]) -> String {
+    let out = Command::new(binary("sluice"))
+        .args(["--brokers", addr])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sluice");
+    assert!(
+        out.status.success(),
+        "sluice {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn placement(addr: &str, topic: &str) -> Vec<(i64, Vec<i64>)> {
+    let text = sluice_ok(addr, &["--output", "json", "topic", "describe", topic]);
+    let d: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    d["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| {
+            (
+                p["leader"].as_i64().unwrap_or(-1),
+                p["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_i64)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn topics_go_through_the_controller_and_survive_its_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let quorum = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}@{a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let start = |i: usize| {
+        let id = (i + 1).to_string();
+        BrokerProcess::start_on(
+            &dir.path().join(format!("node-{id}")),
+            &addrs[i],
+            &["--node-id", &id, "--controller-quorum", &quorum],
+        )
+    };
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(start(i))).collect();
+    let info = wait_for(&addrs[0], &[1, 2, 3], None);
+    let controller = info["controller_id"].as_i64().expect("controller");
+
+    // Created through one broker, the same placement is known to every broker.
+    sluice_ok(
+        &addrs[1],
+        &["topic", "create", "orders", "-p", "3", "-r", "3"],
+    );
+    let placed = placement(&addrs[1], "orders");
+    assert_eq!(placed.len(), 3);
+    for (leader, replicas) in &placed {
+        assert_eq!(replicas.len(), 3, "{placed:?}");
+        assert_eq!(*leader, replicas[0]);
+    }
+    for a in &addrs {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new(binary("sluice"))
+                .args([
+                    "--brokers",
+                    a,
+                    "--output",
+                    "json",
+                    "topic",
+                    "describe",
+                    "orders",
+                ])
+                .output()
+                .expect("run sluice");
+            if out.status.success() {
+                assert_eq!(
+                    placement(a, "orders"),
+                    placed,
+                    "{a} knows the same placement"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "{a} never learned of the topic");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // More replicas than brokers is refused by the controller's rule.
+    let out = Command::new(binary("sluice"))
+        .args(["--brokers", &addrs[0], "topic", "create", "wide", "-r", "4"])
+        .output()
+        .expect("run sluice");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_REPLICATION_FACTOR"));
+
+    // Only the leader takes writes; the others name it.
+    let (leader, _) = placed[0].clone();
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    let write = |id: i64| {
+        let mut child = Command::new(binary("sluice"))
+            .args([
+                "--brokers",
+                &addrs[(id - 1) as usize],
+                "produce",
+                "orders",
+                "--partition",
+                "0",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        if let Some(mut input) = child.stdin.take() {
+            use std::io::Write;
+            input.write_all(b"hello\n").expect("write");
+        }
+        child.wait_with_output().expect("wait")
+    };
+    let refused = write(follower);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("NOT_LEADER") && err.contains(&format!("broker {leader} does")),
+        "{err}"
+    );
+    assert!(write(leader).status.success());
+
+    // The controller dies: a new one is elected and topic creation works again.
+    let idx = (controller - 1) as usize;
+    brokers[idx].take().expect("running").sigkill();
+    let survivor = addrs[(idx + 1) % 3].clone();
+    let alive: Vec<i64> = (1..=3).filter(|&id| id != controller).collect();
+    wait_for(&survivor, &alive, Some(controller));
+    sluice_ok(
+        &survivor,
+        &["topic", "create", "after-failover", "-p", "2", "-r", "2"],
+    );
+    assert_eq!(placement(&survivor, "after-failover").len(), 2);
+
+    for b in brokers.into_iter().flatten() {
+        assert!(b.sigterm(), "broker stops cleanly");
+    }
+}

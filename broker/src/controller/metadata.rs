@@ -20,6 +20,36 @@ pub enum Command {
         /// The cluster id.
         id: String,
     },
+    /// Creates a topic, placing its replicas over the registered brokers.
+    CreateTopic {
+        /// Name (already checked against the naming rule).
+        name: String,
+        /// Partitions.
+        partitions: u32,
+        /// Replicas per partition.
+        replication_factor: u32,
+        /// Config overrides (already validated).
+        configs: BTreeMap<String, String>,
+    },
+    /// Deletes a topic.
+    DeleteTopic {
+        /// Name.
+        name: String,
+    },
+    /// Grows a topic to `total` partitions.
+    CreatePartitions {
+        /// Name.
+        name: String,
+        /// The new partition count.
+        total: u32,
+    },
+    /// Replaces a topic's config overrides.
+    AlterConfigs {
+        /// Name.
+        name: String,
+        /// The overrides now.
+        configs: BTreeMap<String, String>,
+    },
     /// A broker is up at `address`; sent every heartbeat interval.
     Heartbeat {
         /// Broker id.
@@ -47,6 +77,30 @@ pub struct BrokerInfo {
     pub last_heartbeat_ms: i64,
 }
 
+/// One partition's placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRecord {
+    /// Brokers holding a replica; the first is the preferred leader.
+    pub replicas: Vec<u64>,
+    /// The leader.
+    pub leader: u64,
+    /// Bumped at every leader change.
+    pub leader_epoch: i32,
+    /// Replicas in sync with the leader.
+    pub isr: Vec<u64>,
+}
+
+/// A topic as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    /// Partitions, by number.
+    pub partitions: Vec<PartitionRecord>,
+    /// Replicas per partition.
+    pub replication_factor: u32,
+    /// Config overrides.
+    pub configs: BTreeMap<String, String>,
+}
+
 /// The whole metadata state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
@@ -54,6 +108,137 @@ pub struct Metadata {
     pub cluster_id: Option<String>,
     /// Brokers by id.
     pub brokers: BTreeMap<u64, BrokerInfo>,
+    /// Topics by name.
+    #[serde(default)]
+    pub topics: BTreeMap<String, TopicRecord>,
+}
+
+/// Why a command was refused, as every member computes it the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The topic exists.
+    TopicExists,
+    /// The topic does not exist.
+    UnknownTopic,
+    /// More replicas than registered brokers.
+    ReplicationFactor {
+        /// Asked for.
+        requested: u32,
+        /// Brokers registered.
+        available: u32,
+    },
+    /// A partition count that does not grow the topic.
+    Partitions(String),
+}
+
+impl Refusal {
+    /// The broker error a client sees.
+    pub fn into_error(self, topic: &str) -> BrokerError {
+        match self {
+            Refusal::TopicExists => BrokerError::TopicExists(topic.to_string()),
+            Refusal::UnknownTopic => BrokerError::UnknownTopic(topic.to_string()),
+            Refusal::ReplicationFactor {
+                requested,
+                available,
+            } => BrokerError::InvalidReplicationFactor {
+                requested: i64::from(requested),
+                available,
+            },
+            Refusal::Partitions(m) => BrokerError::InvalidPartitions(m),
+        }
+    }
+}
+
+/// Replicas of partition `p`: consecutive brokers (by id) from a start that moves with
+/// the partition and the topic, so leaders spread over the cluster.
+fn place(name: &str, p: u32, rf: u32, brokers: &[u64]) -> Vec<u64> {
+    let seed = name
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let n = brokers.len() as u32;
+    let start = seed.wrapping_add(p) % n.max(1);
+    (0..rf.min(n))
+        .map(|i| brokers[((start + i) % n) as usize])
+        .collect()
+}
+
+impl Metadata {
+    fn apply_topic_command(&mut self, cmd: Command) -> Result<(), Refusal> {
+        let brokers: Vec<u64> = self.brokers.keys().copied().collect();
+        match cmd {
+            Command::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                configs,
+            } => {
+                if self.topics.contains_key(&name) {
+                    return Err(Refusal::TopicExists);
+                }
+                if replication_factor as usize > brokers.len() || replication_factor == 0 {
+                    return Err(Refusal::ReplicationFactor {
+                        requested: replication_factor,
+                        available: brokers.len() as u32,
+                    });
+                }
+                let parts = (0..partitions)
+                    .map(|p| {
+                        let replicas = place(&name, p, replication_factor, &brokers);
+                        // Followers do not copy the leader yet, so the leader alone is
+                        // in sync; acks=all and min.insync.replicas count only it.
+                        PartitionRecord {
+                            leader: replicas[0],
+                            leader_epoch: 0,
+                            isr: vec![replicas[0]],
+                            replicas,
+                        }
+                    })
+                    .collect();
+                self.topics.insert(
+                    name,
+                    TopicRecord {
+                        partitions: parts,
+                        replication_factor,
+                        configs,
+                    },
+                );
+            }
+            Command::DeleteTopic { name } => {
+                if self.topics.remove(&name).is_none() {
+                    return Err(Refusal::UnknownTopic);
+                }
+            }
+            Command::CreatePartitions { name, total } => {
+                let Some(t) = self.topics.get_mut(&name) else {
+                    return Err(Refusal::UnknownTopic);
+                };
+                let have = t.partitions.len() as u32;
+                if total <= have {
+                    return Err(Refusal::Partitions(format!(
+                        "topic {name} has {have} partitions; it can only grow"
+                    )));
+                }
+                for p in have..total {
+                    let replicas = place(&name, p, t.replication_factor, &brokers);
+                    let leader = replicas.first().copied().unwrap_or(0);
+                    t.partitions.push(PartitionRecord {
+                        leader,
+                        leader_epoch: 0,
+                        isr: vec![leader],
+                        replicas,
+                    });
+                }
+            }
+            Command::AlterConfigs { name, configs } => {
+                let Some(t) = self.topics.get_mut(&name) else {
+                    return Err(Refusal::UnknownTopic);
+                };
+                t.configs = configs;
+            }
+            Command::InitCluster { .. } | Command::Heartbeat { .. } => {}
+        }
+        Ok(())
+    }
 }
 
 /// The state machine; publishes every new state to its watchers.
@@ -92,6 +277,16 @@ impl StateMachine for MetadataMachine {
                 if self.state.cluster_id.is_none() {
                     self.state.cluster_id = Some(id);
                 }
+            }
+            Command::CreateTopic { .. }
+            | Command::DeleteTopic { .. }
+            | Command::CreatePartitions { .. }
+            | Command::AlterConfigs { .. } => {
+                let outcome = self.state.apply_topic_command(cmd);
+                if outcome.is_ok() {
+                    self.publish.send_replace(Arc::new(self.state.clone()));
+                }
+                return serde_json::to_vec(&outcome).unwrap_or_default();
             }
             Command::Heartbeat { id, address, at_ms } => {
                 let b = self.state.brokers.entry(id).or_insert(BrokerInfo {
@@ -141,5 +336,79 @@ mod tests {
         let (mut other, rx2) = MetadataMachine::new();
         other.restore(&m.snapshot()).expect("restore");
         assert_eq!(**rx2.borrow(), **rx.borrow());
+    }
+
+    fn run(m: &mut MetadataMachine, cmd: Command) -> std::result::Result<(), Refusal> {
+        serde_json::from_slice(&m.apply(&cmd.encode().expect("encode"))).expect("answer")
+    }
+
+    #[test]
+    fn topics_are_placed_over_the_brokers_and_refusals_are_the_same_everywhere() {
+        let (mut m, rx) = MetadataMachine::new();
+        for id in [1, 2, 3] {
+            m.apply(
+                &Command::Heartbeat {
+                    id,
+                    address: format!("b{id}:1"),
+                    at_ms: 1,
+                }
+                .encode()
+                .expect("encode"),
+            );
+        }
+        let create = |name: &str, partitions, rf| Command::CreateTopic {
+            name: name.into(),
+            partitions,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+        };
+        assert_eq!(run(&mut m, create("t", 6, 2)), Ok(()));
+        let t = rx.borrow().topics["t"].clone();
+        let mut leaders: Vec<u64> = t.partitions.iter().map(|p| p.leader).collect();
+        for p in &t.partitions {
+            assert_eq!(p.replicas.len(), 2);
+            assert_ne!(p.replicas[0], p.replicas[1]);
+            assert_eq!(p.leader, p.replicas[0]);
+        }
+        leaders.sort_unstable();
+        leaders.dedup();
+        assert_eq!(leaders, [1, 2, 3], "leadership spreads over the brokers");
+        assert_eq!(run(&mut m, create("t", 1, 1)), Err(Refusal::TopicExists));
+        assert_eq!(
+            run(&mut m, create("u", 1, 4)),
+            Err(Refusal::ReplicationFactor {
+                requested: 4,
+                available: 3
+            })
+        );
+        assert!(matches!(
+            run(
+                &mut m,
+                Command::CreatePartitions {
+                    name: "t".into(),
+                    total: 6
+                }
+            ),
+            Err(Refusal::Partitions(_))
+        ));
+        assert_eq!(
+            run(
+                &mut m,
+                Command::CreatePartitions {
+                    name: "t".into(),
+                    total: 8
+                }
+            ),
+            Ok(())
+        );
+        assert_eq!(rx.borrow().topics["t"].partitions.len(), 8);
+        assert_eq!(
+            run(&mut m, Command::DeleteTopic { name: "t".into() }),
+            Ok(())
+        );
+        assert_eq!(
+            run(&mut m, Command::DeleteTopic { name: "t".into() }),
+            Err(Refusal::UnknownTopic)
+        );
     }
 }

@@ -5,6 +5,7 @@
 pub mod metadata;
 pub mod node;
 pub mod store;
+pub mod topics;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -142,6 +143,11 @@ impl Controller {
         self.quorum.iter().any(|(v, _)| *v == id)
     }
 
+    /// A receiver that sees every applied metadata change.
+    pub fn metadata_watch(&self) -> watch::Receiver<Arc<Metadata>> {
+        self.metadata.clone()
+    }
+
     /// The latest applied metadata.
     pub fn metadata(&self) -> Arc<Metadata> {
         Arc::clone(&self.metadata.borrow())
@@ -161,6 +167,23 @@ impl Controller {
     /// an election runs.
     pub async fn propose(&self, cmd: &Command) -> Result<Vec<u8>> {
         propose_via(&self.node, &self.quorum, cmd, 50).await
+    }
+
+    /// Commits a topic command and turns a refusal into the client's error.
+    pub async fn change_topic(&self, topic: &str, cmd: &Command) -> Result<()> {
+        let answer = self.propose(cmd).await?;
+        let outcome: std::result::Result<(), metadata::Refusal> =
+            serde_json::from_slice(&answer)
+                .map_err(|e| BrokerError::Internal(format!("controller answer: {e}")))?;
+        outcome.map_err(|r| r.into_error(topic))
+    }
+
+    /// Waits (at most `timeout`) until this broker's applied metadata satisfies `ready`.
+    pub async fn wait_for(&self, timeout: Duration, ready: impl Fn(&Metadata) -> bool) -> bool {
+        let mut rx = self.metadata.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|m| ready(m)))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Stops heartbeating and the Raft node.

@@ -31,6 +31,13 @@ impl AdminSvc {
 
     fn describe(&self, t: &TopicState) -> TopicDescription {
         let node = self.ctx.config.node_id as i32;
+        // In a cluster, placement comes from the metadata log.
+        let placed = self
+            .ctx
+            .controller
+            .as_ref()
+            .and_then(|c| c.metadata().topics.get(&t.meta.name).cloned());
+        let ids = |v: &[u64]| v.iter().map(|&i| i as i32).collect::<Vec<_>>();
         TopicDescription {
             name: t.meta.name.clone(),
             partitions: t
@@ -39,19 +46,24 @@ impl AdminSvc {
                 .enumerate()
                 .map(|(i, p)| {
                     let s = p.state();
+                    let record = placed.as_ref().and_then(|t| t.partitions.get(i));
                     PartitionDescription {
                         partition: i as i32,
-                        leader: node,
-                        leader_epoch: 0,
-                        replicas: vec![node],
-                        isr: vec![node],
+                        leader: record.map_or(node, |r| r.leader as i32),
+                        leader_epoch: record.map_or(0, |r| r.leader_epoch),
+                        replicas: record.map_or(vec![node], |r| ids(&r.replicas)),
+                        isr: record.map_or(vec![node], |r| ids(&r.isr)),
                         log_start_offset: s.log_start_offset as i64,
                         high_watermark: s.high_watermark as i64,
                         log_end_offset: s.log_end_offset as i64,
                     }
                 })
                 .collect(),
-            replication_factor: t.meta.replication_factor as i32,
+            replication_factor: placed
+                .as_ref()
+                .map_or(t.meta.replication_factor as i32, |p| {
+                    p.replication_factor as i32
+                }),
             configs: t.config.describe().into_iter().collect(),
             overridden_configs: t.meta.configs.keys().cloned().collect(),
             internal: t.meta.name.starts_with("__"),
@@ -73,6 +85,33 @@ impl AdminService for AdminSvc {
         request: Request<CreateTopicRequest>,
     ) -> Result<Response<CreateTopicResponse>, Status> {
         let req = request.into_inner();
+        if let Some(c) = &self.ctx.controller {
+            let result = async {
+                let partitions = match non_negative("partitions", req.partitions)? {
+                    0 => self.ctx.config.default_partitions,
+                    n => n,
+                };
+                let rf = match non_negative("replication factor", req.replication_factor)? {
+                    0 => self.ctx.config.default_replication_factor,
+                    n => n,
+                };
+                crate::controller::topics::create(
+                    c,
+                    &self.ctx.topics,
+                    req.name.clone(),
+                    partitions,
+                    rf,
+                    req.configs.into_iter().collect(),
+                    req.validate_only,
+                )
+                .await?;
+                let md = self.ctx.topics.metadata();
+                let topic = md.topic(&req.name).ok().map(|t| self.describe(t));
+                Ok::<_, BrokerError>(CreateTopicResponse { topic })
+            }
+            .await;
+            return result.map(Response::new).map_err(|e| to_status(&e));
+        }
         let result = async {
             let partitions = non_negative("partitions", req.partitions)?;
             let topic = self
@@ -99,13 +138,19 @@ impl AdminService for AdminSvc {
         _request: Request<ListTopicsRequest>,
     ) -> Result<Response<ListTopicsResponse>, Status> {
         let md = self.ctx.topics.metadata();
+        let placed = self.ctx.controller.as_ref().map(|c| c.metadata());
         let topics = md
             .topics
             .values()
             .map(|t| TopicListing {
                 name: t.meta.name.clone(),
                 partitions: t.meta.partitions as i32,
-                replication_factor: t.meta.replication_factor as i32,
+                replication_factor: placed
+                    .as_ref()
+                    .and_then(|p| p.topics.get(&t.meta.name))
+                    .map_or(t.meta.replication_factor as i32, |p| {
+                        p.replication_factor as i32
+                    }),
                 internal: t.meta.name.starts_with("__"),
             })
             .collect();
@@ -149,10 +194,11 @@ impl AdminService for AdminSvc {
                 "{name} is internal: it holds every group's committed offsets"
             ))));
         }
-        self.ctx
-            .topics
-            .delete(name)
-            .await
+        let result = match &self.ctx.controller {
+            Some(c) => crate::controller::topics::delete(c, &self.ctx.topics, name).await,
+            None => self.ctx.topics.delete(name).await,
+        };
+        result
             .map(|()| Response::new(DeleteTopicResponse {}))
             .map_err(|e| to_status(&e))
     }
@@ -164,7 +210,13 @@ impl AdminService for AdminSvc {
         let req = request.into_inner();
         let result = async {
             let total = non_negative("partitions", req.total_count)?;
-            self.ctx.topics.add_partitions(req.name, total).await
+            match &self.ctx.controller {
+                Some(c) => {
+                    crate::controller::topics::add_partitions(c, &self.ctx.topics, req.name, total)
+                        .await
+                }
+                None => self.ctx.topics.add_partitions(req.name, total).await,
+            }
         }
         .await;
         result
@@ -177,10 +229,24 @@ impl AdminService for AdminSvc {
         request: Request<AlterTopicConfigRequest>,
     ) -> Result<Response<AlterTopicConfigResponse>, Status> {
         let req = request.into_inner();
-        self.ctx
-            .topics
-            .alter_config(req.name, req.set.into_iter().collect(), req.delete)
-            .await
+        let result = match &self.ctx.controller {
+            Some(c) => {
+                crate::controller::topics::alter(
+                    c,
+                    req.name,
+                    req.set.into_iter().collect(),
+                    req.delete,
+                )
+                .await
+            }
+            None => {
+                self.ctx
+                    .topics
+                    .alter_config(req.name, req.set.into_iter().collect(), req.delete)
+                    .await
+            }
+        };
+        result
             .map(|()| Response::new(AlterTopicConfigResponse {}))
             .map_err(|e| to_status(&e))
     }

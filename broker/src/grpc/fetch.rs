@@ -38,6 +38,7 @@ impl FetchSvc {
 }
 
 fn lookup(ctx: &Context, topic: &str, partition: i32) -> Result<PartitionHandle, BrokerError> {
+    ctx.check_leader(topic, partition_number(partition))?;
     let md = ctx.topics.metadata();
     let t = md.topic(topic)?;
     t.partition(partition_number(partition)).cloned()

@@ -42,6 +42,34 @@ impl Context {
 }
 
 impl Context {
+    /// In a cluster, fails with `NotLeader` (naming the leader) unless this broker
+    /// leads the partition; a single broker leads everything.
+    pub fn check_leader(&self, topic: &str, partition: i64) -> Result<(), BrokerError> {
+        let Some(c) = &self.controller else {
+            return Ok(());
+        };
+        let md = c.metadata();
+        let Some(t) = md.topics.get(topic) else {
+            // Internal topics (offsets) are local to each broker for now.
+            return Ok(());
+        };
+        let Some(p) = usize::try_from(partition)
+            .ok()
+            .and_then(|i| t.partitions.get(i))
+        else {
+            return Ok(());
+        };
+        if p.leader == c.id() {
+            return Ok(());
+        }
+        Err(BrokerError::NotLeader {
+            topic: topic.to_string(),
+            partition,
+            leader: (p.leader != 0).then_some(p.leader),
+            address: md.brokers.get(&p.leader).map(|b| b.address.clone()),
+        })
+    }
+
     /// The topic for a produce: created with defaults when unknown and the broker allows
     /// auto-creation.
     pub async fn topic_for_produce(&self, name: &str) -> Result<Arc<TopicState>, BrokerError> {
@@ -79,6 +107,18 @@ fn reason(e: &BrokerError) -> (ErrorReason, Vec<(String, String)>) {
         E::TopicExists(_) => (ErrorReason::TopicExists, vec![]),
         E::UnknownGroup(_) => (ErrorReason::UnknownGroup, vec![]),
         E::Fenced(_) => (ErrorReason::Fenced, vec![]),
+        E::NotLeader {
+            leader, address, ..
+        } => {
+            let mut md = Vec::new();
+            if let Some(l) = leader {
+                md.push(("leader_id".to_string(), l.to_string()));
+            }
+            if let Some(a) = address {
+                md.push(("leader_address".to_string(), a.clone()));
+            }
+            (ErrorReason::NotLeader, md)
+        }
         E::NotController(leader) => (
             ErrorReason::NotLeader,
             leader

@@ -65,6 +65,7 @@ async fn submit(
     impl std::future::Future<Output = Result<ProduceResponse>>,
 )> {
     let acks = acks_of(req.acks)?;
+    ctx.check_leader(&req.topic, partition_number(req.partition))?;
     let topic = ctx.topic_for_produce(&req.topic).await?;
     let partition = topic.partition(partition_number(req.partition))?;
     let limit = topic.config.log.max_batch_bytes as usize;

@@ -42,7 +42,11 @@ fn retry_or_fail(
     mut batch: ReadyBatch,
     err: ClientError,
 ) {
+    // NOT_LEADER is retriable for a client that re-routes to the new leader; this one
+    // sends every batch to the broker it connected to, so retrying there only waits
+    // out the delivery timeout. Fail at once and let the caller see which broker leads.
     let retriable = err.is_retriable()
+        && err.reason() != Some(sluice_proto::ErrorReason::NotLeader)
         && batch.attempts < config.retries
         && batch.created.elapsed() < config.delivery_timeout;
     if retriable {
