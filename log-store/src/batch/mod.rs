@@ -392,20 +392,9 @@ impl RecordBatch {
 
     /// Decodes every record, decompressing if needed; offsets and timestamps are absolute.
     pub fn records(&self) -> Result<Vec<Record>> {
-        let compression = self.header.compression()?;
-        let body = match compression {
-            Compression::None => self.bytes.slice(HEADER_LEN..),
-            c => Bytes::from(c.decompress(
-                &self.bytes[HEADER_LEN..],
-                decompressed_limit(self.bytes.len()),
-            )?),
-        };
-        let mut records = record::decode_records(&body, &self.header)?;
-        if self.header.timestamp_type() == TimestampType::LogAppendTime {
-            for r in &mut records {
-                r.timestamp = self.header.max_timestamp;
-            }
-        }
+        let mut records =
+            Vec::with_capacity((self.header.record_count as usize).min(self.bytes.len() / 8));
+        self.for_each_record(|r| records.push(r))?;
         Ok(records)
     }
 }

@@ -140,13 +140,6 @@ fn get_field(buf: &Bytes, pos: &mut usize, end: usize) -> Result<Option<Bytes>> 
     Ok(Some(out))
 }
 
-/// Decodes all records of an (uncompressed) records part.
-pub(crate) fn decode_records(buf: &Bytes, header: &BatchHeader) -> Result<Vec<Record>> {
-    let mut out = Vec::with_capacity(header.record_count as usize);
-    for_each_record(buf, header, |r| out.push(r))?;
-    Ok(out)
-}
-
 /// Decodes the records of an (uncompressed) records part one by one into `f`; on an
 /// error, `f` may already have seen the records before the damage.
 pub(crate) fn for_each_record(
