@@ -119,15 +119,7 @@ impl RaftStore {
         let Some(first) = ents.first() else {
             return Ok(());
         };
-        let mut buf = Vec::new();
-        for e in ents {
-            let bytes = e
-                .write_to_bytes()
-                .map_err(|err| BrokerError::Internal(format!("encoding a Raft entry: {err}")))?;
-            buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&crc32fast::hash(&bytes).to_be_bytes());
-            buf.extend_from_slice(&bytes);
-        }
+        let buf = frame_entries(ents)?;
         let path = self.dir.join(WAL);
         self.wal
             .write_all(&buf)
@@ -214,15 +206,7 @@ impl RaftStore {
 
     /// Replaces the WAL with exactly the entries held now (after the snapshot).
     fn rewrite_wal(&mut self) -> Result<()> {
-        let mut buf = Vec::new();
-        for e in &self.entries {
-            let bytes = e
-                .write_to_bytes()
-                .map_err(|err| BrokerError::Internal(format!("encoding a Raft entry: {err}")))?;
-            buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&crc32fast::hash(&bytes).to_be_bytes());
-            buf.extend_from_slice(&bytes);
-        }
+        let buf = frame_entries(&self.entries)?;
         let path = self.dir.join(WAL);
         write_atomically(&path, &buf)?;
         self.wal = OpenOptions::new()
@@ -233,19 +217,28 @@ impl RaftStore {
     }
 
     fn term_of(&self, idx: u64) -> Result<u64> {
-        let snap = self.snapshot.get_metadata();
-        if idx == snap.index {
-            return Ok(snap.term);
-        }
-        if idx < snap.index || idx > self.last() {
-            return Err(BrokerError::Internal(format!(
-                "no Raft entry {idx} (log holds {}..={})",
+        raft::Storage::term(self, idx).map_err(|e| {
+            BrokerError::Internal(format!(
+                "no Raft entry {idx} (log holds {}..={}): {e}",
                 self.first(),
                 self.last()
-            )));
-        }
-        Ok(self.entries[(idx - self.first()) as usize].term)
+            ))
+        })
     }
+}
+
+/// The WAL records of `ents`: `[len u32][crc32 u32][Entry]` each.
+fn frame_entries(ents: &[Entry]) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    for e in ents {
+        let bytes = e
+            .write_to_bytes()
+            .map_err(|err| BrokerError::Internal(format!("encoding a Raft entry: {err}")))?;
+        buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&crc32fast::hash(&bytes).to_be_bytes());
+        buf.extend_from_slice(&bytes);
+    }
+    Ok(buf)
 }
 
 /// Replaces entries from `index` on with `ents` (the Raft append rule).
