@@ -3,4 +3,5 @@
 
 pub mod binaries;
 pub mod broker;
+pub mod cli;
 pub mod process;

@@ -1,54 +1,13 @@
 //! The built `sluice-broker` and `sluice` binaries as users run them: real processes,
 //! real gRPC on 127.0.0.1, SIGKILL and SIGTERM.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use sluice_tests::binaries::binary;
 use sluice_tests::broker::BrokerProcess;
-
-/// Runs `sluice ARGS` against `brokers`, feeding `stdin`; bounded by a timeout.
-fn sluice(brokers: &str, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(binary("sluice"))
-        .args(args)
-        .env("SLUICE_BROKERS", brokers)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).expect("write stdin");
-    }
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(out) => out.expect("sluice output"),
-        Err(_) => {
-            #[allow(unsafe_code)]
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
-            panic!("sluice {args:?} did not finish within 60 s");
-        }
-    }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use sluice_tests::cli::{ok, sluice};
 
 #[test]
 fn cli_round_trip_with_keys_json_and_errors() {

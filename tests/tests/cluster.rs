@@ -1,14 +1,13 @@
 //! The metadata controller quorum with real broker processes on 127.0.0.1: election,
 //! broker liveness, the controller SIGKILLed and replaced, a member's return.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_client::{ClientError, ErrorReason};
 use sluice_proto::v1::controller_service_client::ControllerServiceClient;
 use sluice_proto::v1::RaftBatch;
-use sluice_tests::binaries::binary;
 use sluice_tests::broker::BrokerProcess;
+use sluice_tests::cli::{ok, sluice};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -17,12 +16,44 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Three brokers' data folders, addresses and the quorum flag naming them.
+struct Quorum {
+    dir: tempfile::TempDir,
+    addrs: Vec<String>,
+    flag: String,
+}
+
+impl Quorum {
+    fn new() -> Quorum {
+        let addrs: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let flag = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}@{a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        Quorum {
+            dir: tempfile::tempdir().expect("tempdir"),
+            addrs,
+            flag,
+        }
+    }
+
+    /// Starts broker `i` (node id `i + 1`) on its address and folder.
+    fn start(&self, i: usize) -> BrokerProcess {
+        let id = (i + 1).to_string();
+        BrokerProcess::start_on(
+            &self.dir.path().join(format!("node-{id}")),
+            &self.addrs[i],
+            &["--node-id", &id, "--controller-quorum", &self.flag],
+        )
+    }
+}
+
 fn cluster_info(addr: &str) -> Option<serde_json::Value> {
-    let out = Command::new(binary("sluice"))
-        .args(["--brokers", addr, "--output", "json", "cluster", "info"])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
+    let out = sluice(addr, &["--output", "json", "cluster", "info"], "");
     if !out.status.success() {
         return None;
     }
@@ -62,24 +93,9 @@ fn wait_for(addr: &str, alive: &[i64], not: Option<i64>) -> serde_json::Value {
 
 #[test]
 fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let quorum = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}@{a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let start = |i: usize| {
-        let id = (i + 1).to_string();
-        BrokerProcess::start_on(
-            &dir.path().join(format!("node-{id}")),
-            &addrs[i],
-            &["--node-id", &id, "--controller-quorum", &quorum],
-        )
-    };
+    let q = Quorum::new();
+    let addrs = &q.addrs;
+    let start = |i: usize| q.start(i);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(start(i))).collect();
 
     let info = wait_for(&addrs[1], &[1, 2, 3], None);
@@ -149,18 +165,7 @@ fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
 }
 
 fn sluice_ok(addr: &str, args: &[&str]) -> String {
-    let out = Command::new(binary("sluice"))
-        .args(["--brokers", addr])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run sluice");
-    assert!(
-        out.status.success(),
-        "sluice {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ok(&sluice(addr, args, ""))
 }
 
 fn placement(addr: &str, topic: &str) -> Vec<(i64, Vec<i64>)> {
@@ -186,24 +191,9 @@ fn placement(addr: &str, topic: &str) -> Vec<(i64, Vec<i64>)> {
 
 #[test]
 fn topics_go_through_the_controller_and_survive_its_loss() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let quorum = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}@{a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let start = |i: usize| {
-        let id = (i + 1).to_string();
-        BrokerProcess::start_on(
-            &dir.path().join(format!("node-{id}")),
-            &addrs[i],
-            &["--node-id", &id, "--controller-quorum", &quorum],
-        )
-    };
+    let q = Quorum::new();
+    let addrs = &q.addrs;
+    let start = |i: usize| q.start(i);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(start(i))).collect();
     let info = wait_for(&addrs[0], &[1, 2, 3], None);
     let controller = info["controller_id"].as_i64().expect("controller");
@@ -219,21 +209,10 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
         assert_eq!(replicas.len(), 3, "{placed:?}");
         assert_eq!(*leader, replicas[0]);
     }
-    for a in &addrs {
+    for a in addrs {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = Command::new(binary("sluice"))
-                .args([
-                    "--brokers",
-                    a,
-                    "--output",
-                    "json",
-                    "topic",
-                    "describe",
-                    "orders",
-                ])
-                .output()
-                .expect("run sluice");
+            let out = sluice(a, &["--output", "json", "topic", "describe", "orders"], "");
             if out.status.success() {
                 assert_eq!(
                     placement(a, "orders"),
@@ -247,10 +226,7 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
         }
     }
     // More replicas than brokers is refused by the controller's rule.
-    let out = Command::new(binary("sluice"))
-        .args(["--brokers", &addrs[0], "topic", "create", "wide", "-r", "4"])
-        .output()
-        .expect("run sluice");
+    let out = sluice(&addrs[0], &["topic", "create", "wide", "-r", "4"], "");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_REPLICATION_FACTOR"));
 
@@ -258,25 +234,11 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
     let (leader, _) = placed[0].clone();
     let follower = (1..=3).find(|&id| id != leader).expect("a follower");
     let write = |id: i64| {
-        let mut child = Command::new(binary("sluice"))
-            .args([
-                "--brokers",
-                &addrs[(id - 1) as usize],
-                "produce",
-                "orders",
-                "--partition",
-                "0",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        if let Some(mut input) = child.stdin.take() {
-            use std::io::Write;
-            input.write_all(b"hello\n").expect("write");
-        }
-        child.wait_with_output().expect("wait")
+        sluice(
+            &addrs[(id - 1) as usize],
+            &["produce", "orders", "--partition", "0"],
+            "hello\n",
+        )
     };
     let refused = write(follower);
     assert!(!refused.status.success());

@@ -3,8 +3,7 @@
 //! a group runs, and fencing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sluice_client::{
@@ -15,6 +14,7 @@ use sluice_proto::v1::group_service_client::GroupServiceClient;
 use sluice_proto::v1::{CommitOffsetsRequest, HeartbeatRequest, OffsetCommit};
 use sluice_tests::binaries::binary;
 use sluice_tests::broker::{BrokerProcess, InProcessBroker};
+use sluice_tests::cli::{ok, sluice};
 use sluice_tests::process::ChildProcess;
 
 /// Short group timings, so membership changes show within seconds.
@@ -24,46 +24,6 @@ const FAST_GROUPS: [&str; 4] = [
     "--group-heartbeat-interval-ms",
     "300",
 ];
-
-fn sluice(brokers: &str, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(binary("sluice"))
-        .args(args)
-        .env("SLUICE_BROKERS", brokers)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).expect("write stdin");
-    }
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(out) => out.expect("sluice output"),
-        Err(_) => {
-            #[allow(unsafe_code)]
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
-            panic!("sluice {args:?} did not finish within 60 s");
-        }
-    }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn describe(brokers: &str, group: &str) -> serde_json::Value {
     let text = ok(&sluice(
