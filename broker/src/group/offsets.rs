@@ -180,15 +180,8 @@ impl OffsetStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut b = RecordBatchBuilder::new(Compression::None);
-        let now = now_ms();
-        for (tp, c) in entries {
-            let value = c.as_ref().map(encode_value);
-            b.append(now, Some(&encode_key(group, tp)), value.as_deref(), &[]);
-        }
-        let batch = b
-            .build()
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        // One batch, so a commit is stored whole or not at all.
+        let batch = offsets_batch(entries.iter().map(|(tp, c)| (group, tp, c.as_ref())))?;
         self.partition()?.append(batch, Acks::All).await?;
         Ok(())
     }
@@ -200,35 +193,14 @@ impl OffsetStore {
     pub async fn compact(&self, live: &OffsetMap) -> Result<()> {
         let p = self.partition()?;
         let start = p.roll().await?;
-        let now = now_ms();
-        let mut b = RecordBatchBuilder::new(Compression::None);
-        let mut in_batch = 0;
-        for (group, offsets) in live {
-            for (tp, c) in offsets {
-                b.append(
-                    now,
-                    Some(&encode_key(group, tp)),
-                    Some(&encode_value(c)),
-                    &[],
-                );
-                in_batch += 1;
-                // Well under max.message.bytes per batch.
-                if in_batch == 2000 {
-                    let full =
-                        std::mem::replace(&mut b, RecordBatchBuilder::new(Compression::None));
-                    let batch = full
-                        .build()
-                        .map_err(|e| BrokerError::Internal(e.to_string()))?;
-                    p.append(batch, Acks::All).await?;
-                    in_batch = 0;
-                }
-            }
-        }
-        if in_batch > 0 {
-            let batch = b
-                .build()
-                .map_err(|e| BrokerError::Internal(e.to_string()))?;
-            p.append(batch, Acks::All).await?;
+        let records: Vec<(&str, &Tp, Option<&Committed>)> = live
+            .iter()
+            .flat_map(|(g, offsets)| offsets.iter().map(move |(tp, c)| (g.as_str(), tp, Some(c))))
+            .collect();
+        // Well under max.message.bytes per batch.
+        for chunk in records.chunks(2000) {
+            p.append(offsets_batch(chunk.iter().copied())?, Acks::All)
+                .await?;
         }
         let start_now = p.delete_before(start).await?;
         tracing::info!(log_start_offset = start_now, "compacted {OFFSETS_TOPIC}");
@@ -242,6 +214,19 @@ impl OffsetStore {
             s.log_end_offset.saturating_sub(s.log_start_offset)
         })
     }
+}
+
+/// One batch of offset records, stamped now; a `None` value is a tombstone.
+fn offsets_batch<'a>(
+    records: impl IntoIterator<Item = (&'a str, &'a Tp, Option<&'a Committed>)>,
+) -> Result<Bytes> {
+    let now = now_ms();
+    let mut b = RecordBatchBuilder::new(Compression::None);
+    for (group, tp, c) in records {
+        let value = c.map(encode_value);
+        b.append(now, Some(&encode_key(group, tp)), value.as_deref(), &[]);
+    }
+    b.build().map_err(|e| BrokerError::Internal(e.to_string()))
 }
 
 /// Milliseconds since the epoch.
