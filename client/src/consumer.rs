@@ -305,11 +305,7 @@ impl Consumer {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let Some(group) = self.config.group_id.clone() else {
-            return Err(ClientError::InvalidArgument(
-                "subscribe needs a group_id in the consumer config".into(),
-            ));
-        };
+        let group = self.subscribing_group()?;
         let topics: std::collections::BTreeSet<String> =
             topics.into_iter().map(Into::into).collect();
         if topics.is_empty() {
@@ -325,11 +321,7 @@ impl Consumer {
     /// regular expression `pattern`, now and as topics are created (internal topics
     /// never match). The broker checks the pattern; a bad one fails the next `poll`.
     pub fn subscribe_pattern(&mut self, pattern: &str) -> Result<()> {
-        let Some(group) = self.config.group_id.clone() else {
-            return Err(ClientError::InvalidArgument(
-                "subscribe needs a group_id in the consumer config".into(),
-            ));
-        };
+        let group = self.subscribing_group()?;
         if pattern.is_empty() {
             return Err(ClientError::InvalidArgument(
                 "the subscription pattern is empty".into(),
@@ -445,6 +437,12 @@ impl Consumer {
             m.leave().await?;
         }
         committed
+    }
+
+    fn subscribing_group(&self) -> Result<String> {
+        self.config.group_id.clone().ok_or_else(|| {
+            ClientError::InvalidArgument("subscribe needs a group_id in the consumer config".into())
+        })
     }
 
     fn group_id(&self) -> Result<String> {
