@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sluice/v1/admin.proto",
         "proto/sluice/v1/group.proto",
         "proto/sluice/v1/controller.proto",
+        "proto/sluice/v1/replica.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

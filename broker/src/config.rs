@@ -66,6 +66,10 @@ pub struct BrokerArgs {
     /// Committed offsets of a group empty this long expire, in minutes [default: 10080].
     #[arg(long, env = "SLUICE_OFFSETS_RETENTION_MINUTES")]
     pub offsets_retention_minutes: Option<u64>,
+    /// A follower not caught up with its leader for this long leaves the ISR, in ms
+    /// [default: 30000].
+    #[arg(long, env = "SLUICE_REPLICA_LAG_TIME_MAX_MS")]
+    pub replica_lag_time_max_ms: Option<u64>,
 }
 
 /// The TOML file's shape: the same settings as the flags.
@@ -86,6 +90,7 @@ struct FileConfig {
     group_rebalance_timeout_ms: Option<u64>,
     offsets_retention_minutes: Option<u64>,
     controller_quorum: Option<String>,
+    replica_lag_time_max_ms: Option<u64>,
 }
 
 /// The broker's effective configuration.
@@ -119,6 +124,8 @@ pub struct BrokerConfig {
     pub offsets_compact_after_records: u64,
     /// Controller quorum members (id, gRPC address); empty on a single broker.
     pub controller_quorum: Vec<(u64, String)>,
+    /// A follower not caught up for this long leaves the ISR (`replica.lag.time.max.ms`).
+    pub replica_lag_time_max: Duration,
 }
 
 /// The default listen address.
@@ -144,6 +151,7 @@ impl Default for BrokerConfig {
             offsets_retention: Duration::from_secs(7 * 24 * 60 * 60),
             offsets_compact_after_records: 100_000,
             controller_quorum: Vec::new(),
+            replica_lag_time_max: Duration::from_secs(30),
         }
     }
 }
@@ -212,6 +220,10 @@ impl BrokerConfig {
                 Some(text) => parse_quorum(&text)?,
                 None => Vec::new(),
             },
+            replica_lag_time_max: args
+                .replica_lag_time_max_ms
+                .or(file.replica_lag_time_max_ms)
+                .map_or(d.replica_lag_time_max, Duration::from_millis),
         };
         config.validate()?;
         Ok(config)

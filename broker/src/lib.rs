@@ -19,6 +19,7 @@ pub mod error;
 pub mod group;
 pub mod grpc;
 pub mod partition;
+pub mod replication;
 pub mod topic;
 
 use std::future::Future;
@@ -47,8 +48,10 @@ use grpc::controller::ControllerSvc;
 use grpc::fetch::FetchSvc;
 use grpc::group::GroupSvc;
 use grpc::produce::ProduceSvc;
+use grpc::replica::ReplicaSvc;
 use grpc::Context;
 use sluice_proto::v1::controller_service_server::ControllerServiceServer;
+use sluice_proto::v1::replica_service_server::ReplicaServiceServer;
 use topic::manager::{TopicDefaults, Topics};
 
 /// Largest gRPC message accepted or sent (a produce carries one batch; a fetch many).
@@ -115,6 +118,7 @@ impl Broker {
             partitions: config.default_partitions,
             replication_factor: config.default_replication_factor,
             brokers: 1,
+            replicated: !config.controller_quorum.is_empty(),
         };
         let topics = Topics::start(manager, defaults)?;
         let groups = GroupCoordinator::start(
@@ -142,7 +146,14 @@ impl Broker {
             })?)
         };
         if let Some(c) = &controller {
-            tokio::spawn(controller::topics::follow(c.clone(), topics.clone()));
+            let replication =
+                replication::Replication::start(c.clone(), config.replica_lag_time_max);
+            tokio::spawn(controller::topics::follow(
+                c.clone(),
+                topics.clone(),
+                replication,
+            ));
+            tokio::spawn(controller::election::run(c.clone()));
         }
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Context {
@@ -177,6 +188,11 @@ impl Broker {
         let controller_svc = controller
             .clone()
             .map(|c| ControllerServiceServer::new(ControllerSvc::new(c)));
+        let replica_svc = controller.is_some().then(|| {
+            ReplicaServiceServer::new(ReplicaSvc::new(Arc::clone(&ctx)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        });
 
         // A single node is part of its cluster as soon as its topics are open.
         health_reporter
@@ -219,7 +235,8 @@ impl Broker {
             .add_service(fetch)
             .add_service(admin)
             .add_service(group)
-            .add_optional_service(controller_svc);
+            .add_optional_service(controller_svc)
+            .add_optional_service(replica_svc);
         let incoming = TcpListenerStream::new(listener);
         tracing::info!(address = %local_addr, node_id = ctx.config.node_id, data_dir = %ctx.config.data_dir.display(), "sluice broker started");
         let done = tokio::spawn(async move {

@@ -345,9 +345,17 @@ impl Log {
         })
     }
 
-    /// Appends a batch copied from a leader, keeping its offsets and epoch. Its base
-    /// offset must be this log's end offset.
+    /// Appends a batch copied from a leader, keeping its offsets and epoch, then applies
+    /// the flush policy. Its base offset must be this log's end offset.
     pub fn append_replicated(&mut self, batch: &[u8]) -> Result<AppendInfo> {
+        let info = self.append_replicated_deferred(batch)?;
+        self.apply_flush_policy()?;
+        Ok(info)
+    }
+
+    /// Like [`Log::append_replicated`] without the flush: a follower appends everything
+    /// one fetch returned and flushes once.
+    pub fn append_replicated_deferred(&mut self, batch: &[u8]) -> Result<AppendInfo> {
         self.check_writable()?;
         let header = validate(batch, &self.validate_opts)?;
         let expected = self.log_end_offset();
@@ -362,7 +370,6 @@ impl Log {
         let mut stamped = [0u8; HEADER_LEN];
         stamped.copy_from_slice(&batch[..HEADER_LEN]);
         self.write_batch(&stamped, &batch[HEADER_LEN..], &header)?;
-        self.apply_flush_policy()?;
         Ok(AppendInfo {
             base_offset: header.base_offset,
             last_offset: header.last_offset(),

@@ -108,6 +108,14 @@ impl BrokerProcess {
         &self.data_dir
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT…) without waiting.
+    pub fn signal(&self, signal: i32) {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        let rc = unsafe { libc::kill(self.child.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "signal {signal} delivered");
+    }
+
     /// Kills the broker with SIGKILL.
     pub fn sigkill(mut self) {
         self.child.kill().expect("SIGKILL the broker");

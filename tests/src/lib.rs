@@ -4,4 +4,5 @@
 pub mod binaries;
 pub mod broker;
 pub mod cli;
+pub mod cluster;
 pub mod process;

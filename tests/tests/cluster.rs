@@ -8,92 +8,11 @@ use sluice_proto::v1::controller_service_client::ControllerServiceClient;
 use sluice_proto::v1::RaftBatch;
 use sluice_tests::broker::BrokerProcess;
 use sluice_tests::cli::{ok, sluice};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Three brokers' data folders, addresses and the quorum flag naming them.
-struct Quorum {
-    dir: tempfile::TempDir,
-    addrs: Vec<String>,
-    flag: String,
-}
-
-impl Quorum {
-    fn new() -> Quorum {
-        let addrs: Vec<String> = (0..3)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect();
-        let flag = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}@{a}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        Quorum {
-            dir: tempfile::tempdir().expect("tempdir"),
-            addrs,
-            flag,
-        }
-    }
-
-    /// Starts broker `i` (node id `i + 1`) on its address and folder.
-    fn start(&self, i: usize) -> BrokerProcess {
-        let id = (i + 1).to_string();
-        BrokerProcess::start_on(
-            &self.dir.path().join(format!("node-{id}")),
-            &self.addrs[i],
-            &["--node-id", &id, "--controller-quorum", &self.flag],
-        )
-    }
-}
-
-fn cluster_info(addr: &str) -> Option<serde_json::Value> {
-    let out = sluice(addr, &["--output", "json", "cluster", "info"], "");
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Waits until `addr` reports a controller and exactly the live brokers `alive`.
-fn wait_for(addr: &str, alive: &[i64], not: Option<i64>) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(info) = cluster_info(addr) {
-            let controller = info["controller_id"].as_i64().unwrap_or(-1);
-            let mut live: Vec<i64> = info["brokers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|b| b["alive"].as_bool() == Some(true))
-                .filter_map(|b| b["node_id"].as_i64())
-                .collect();
-            live.sort_unstable();
-            if controller > 0 && Some(controller) != not && live == alive {
-                return info;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster never reached live brokers {alive:?} (controller not {not:?}): {info}"
-            );
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "{addr} never answered cluster info"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use sluice_tests::cluster::{wait_for_brokers as wait_for, Quorum};
 
 #[test]
 fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
-    let q = Quorum::new();
+    let q = Quorum::new(&[]);
     let addrs = &q.addrs;
     let start = |i: usize| q.start(i);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(start(i))).collect();
@@ -191,7 +110,7 @@ fn placement(addr: &str, topic: &str) -> Vec<(i64, Vec<i64>)> {
 
 #[test]
 fn topics_go_through_the_controller_and_survive_its_loss() {
-    let q = Quorum::new();
+    let q = Quorum::new(&[]);
     let addrs = &q.addrs;
     let start = |i: usize| q.start(i);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(start(i))).collect();

@@ -1,6 +1,6 @@
 //! The controller's replicated state machine: cluster metadata, changed only by
-//! commands committed through Raft. So far it holds the brokers and when each last
-//! heartbeated; topics and partition leadership move here next.
+//! commands committed through Raft: the brokers and when each last heartbeated, topics,
+//! and per partition its replicas, leader, leader epoch and ISR.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +50,20 @@ pub enum Command {
         /// The overrides now.
         configs: BTreeMap<String, String>,
     },
+    /// Changes a partition's leader and ISR, only if nobody changed the partition since
+    /// the sender looked (`partition_epoch`). A new leader bumps the leader epoch.
+    AlterPartition {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The partition epoch the change was computed from.
+        partition_epoch: i32,
+        /// The leader afterwards (0: none).
+        leader: u64,
+        /// The ISR afterwards.
+        isr: Vec<u64>,
+    },
     /// A broker is up at `address`; sent every heartbeat interval.
     Heartbeat {
         /// Broker id.
@@ -88,6 +102,23 @@ pub struct PartitionRecord {
     pub leader_epoch: i32,
     /// Replicas in sync with the leader.
     pub isr: Vec<u64>,
+    /// Bumped at every change of leader or ISR; fences changes computed from an older
+    /// state.
+    #[serde(default)]
+    pub partition_epoch: i32,
+}
+
+impl PartitionRecord {
+    fn new(replicas: Vec<u64>) -> PartitionRecord {
+        // Every replica of a new partition is empty, hence in sync.
+        PartitionRecord {
+            leader: replicas.first().copied().unwrap_or(0),
+            leader_epoch: 0,
+            isr: replicas.clone(),
+            replicas,
+            partition_epoch: 0,
+        }
+    }
 }
 
 /// A topic as the cluster knows it.
@@ -129,6 +160,11 @@ pub enum Refusal {
     },
     /// A partition count that does not grow the topic.
     Partitions(String),
+    /// The partition changed since the change was computed.
+    StalePartitionEpoch {
+        /// Its epoch now.
+        current: i32,
+    },
 }
 
 impl Refusal {
@@ -145,6 +181,9 @@ impl Refusal {
                 available,
             },
             Refusal::Partitions(m) => BrokerError::InvalidPartitions(m),
+            Refusal::StalePartitionEpoch { current } => BrokerError::Fenced(format!(
+                "partition of {topic} changed meanwhile (partition epoch now {current})"
+            )),
         }
     }
 }
@@ -182,17 +221,7 @@ impl Metadata {
                     });
                 }
                 let parts = (0..partitions)
-                    .map(|p| {
-                        let replicas = place(&name, p, replication_factor, &brokers);
-                        // Followers do not copy the leader yet, so the leader alone is
-                        // in sync; acks=all and min.insync.replicas count only it.
-                        PartitionRecord {
-                            leader: replicas[0],
-                            leader_epoch: 0,
-                            isr: vec![replicas[0]],
-                            replicas,
-                        }
-                    })
+                    .map(|p| PartitionRecord::new(place(&name, p, replication_factor, &brokers)))
                     .collect();
                 self.topics.insert(
                     name,
@@ -219,14 +248,12 @@ impl Metadata {
                     )));
                 }
                 for p in have..total {
-                    let replicas = place(&name, p, t.replication_factor, &brokers);
-                    let leader = replicas.first().copied().unwrap_or(0);
-                    t.partitions.push(PartitionRecord {
-                        leader,
-                        leader_epoch: 0,
-                        isr: vec![leader],
-                        replicas,
-                    });
+                    t.partitions.push(PartitionRecord::new(place(
+                        &name,
+                        p,
+                        t.replication_factor,
+                        &brokers,
+                    )));
                 }
             }
             Command::AlterConfigs { name, configs } => {
@@ -234,6 +261,41 @@ impl Metadata {
                     return Err(Refusal::UnknownTopic);
                 };
                 t.configs = configs;
+            }
+            Command::AlterPartition {
+                topic,
+                partition,
+                partition_epoch,
+                leader,
+                isr,
+            } => {
+                let Some(p) = self
+                    .topics
+                    .get_mut(&topic)
+                    .and_then(|t| t.partitions.get_mut(partition as usize))
+                else {
+                    return Err(Refusal::UnknownTopic);
+                };
+                if p.partition_epoch != partition_epoch {
+                    return Err(Refusal::StalePartitionEpoch {
+                        current: p.partition_epoch,
+                    });
+                }
+                let outside = isr
+                    .iter()
+                    .chain(std::iter::once(&leader))
+                    .find(|b| **b != 0 && !p.replicas.contains(b));
+                if let Some(b) = outside {
+                    return Err(Refusal::Partitions(format!(
+                        "broker {b} holds no replica of {topic}-{partition}"
+                    )));
+                }
+                if leader != p.leader {
+                    p.leader_epoch += 1;
+                }
+                p.leader = leader;
+                p.isr = isr;
+                p.partition_epoch += 1;
             }
             Command::InitCluster { .. } | Command::Heartbeat { .. } => {}
         }
@@ -281,7 +343,8 @@ impl StateMachine for MetadataMachine {
             Command::CreateTopic { .. }
             | Command::DeleteTopic { .. }
             | Command::CreatePartitions { .. }
-            | Command::AlterConfigs { .. } => {
+            | Command::AlterConfigs { .. }
+            | Command::AlterPartition { .. } => {
                 let outcome = self.state.apply_topic_command(cmd);
                 if outcome.is_ok() {
                     self.publish.send_replace(Arc::new(self.state.clone()));

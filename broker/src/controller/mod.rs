@@ -2,6 +2,7 @@
 //! (raft-rs) whose replicated state machine holds the cluster metadata. The Raft leader
 //! is the active controller; every member answers metadata from its applied state.
 
+pub mod election;
 pub mod metadata;
 pub mod node;
 pub mod store;
@@ -156,6 +157,11 @@ impl Controller {
     /// The local Raft node's status (leader, term, commit).
     pub async fn status(&self) -> Result<NodeStatus> {
         self.node.status().await
+    }
+
+    /// How long a broker may be silent before it counts as gone.
+    pub fn session_timeout(&self) -> Duration {
+        self.session_timeout
     }
 
     /// Whether a broker heartbeated within the session timeout.

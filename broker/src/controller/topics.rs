@@ -7,11 +7,14 @@ use std::time::Duration;
 use super::metadata::Command;
 use super::Controller;
 use crate::error::{BrokerError, Result};
+use crate::replication::Replication;
 use crate::topic::config::TopicConfig;
 use crate::topic::manager::{NewTopic, Topics};
 
 /// How long an admin call waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
+/// How often the roles of local replicas are looked at again without a metadata change.
+const ROLE_RETRY: Duration = Duration::from_millis(200);
 
 /// Creates a topic through the controller, after checking it here as a single broker
 /// would; returns once this broker has opened it.
@@ -138,7 +141,7 @@ async fn wait_local(
 /// Keeps this broker's topics in step with the metadata log: opens what was created or
 /// grown, applies config changes, and deletes what the log deleted. A topic the log
 /// never named is left alone (it may be local, like `__consumer_offsets`).
-pub async fn follow(c: Controller, topics: Topics) {
+pub async fn follow(c: Controller, topics: Topics, mut replication: Replication) {
     let mut rx = c.metadata_watch();
     let mut known: BTreeMap<String, usize> = BTreeMap::new();
     loop {
@@ -193,7 +196,19 @@ pub async fn follow(c: Controller, topics: Topics) {
                 }
             }
         }
-        if rx.changed().await.is_err() {
+        // A restarted broker replays its own Raft log first: until it has heard from
+        // the active controller and applied what that one committed, the roles in it
+        // may be stale (it could still see itself leading an epoch long over).
+        let current = c
+            .status()
+            .await
+            .is_ok_and(|s| s.leader.is_some() && s.applied >= s.commit);
+        if current {
+            replication.apply(&md, &topics).await;
+        }
+        // Also wake up now and then: partitions that were not open, or a status that
+        // was not current, are taken again.
+        if let Ok(Err(_)) = tokio::time::timeout(ROLE_RETRY, rx.changed()).await {
             return;
         }
     }

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod fetch;
 pub mod group;
 pub mod produce;
+pub mod replica;
 
 use std::sync::Arc;
 

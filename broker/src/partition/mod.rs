@@ -1,6 +1,7 @@
 //! The task that owns one partition's log. Everything that touches the log goes through
 //! its channel; produce requests that arrive together share one fsync (group commit).
 
+mod replica;
 mod task;
 
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{BrokerError, Result};
 use crate::topic::config::TopicConfig;
+
+pub use replica::{IsrChange, LeaderRole, ReplicationContext, Role};
 
 /// What a producer waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +62,47 @@ pub enum OffsetSpec {
     Timestamp(i64),
 }
 
+/// What a leader sends a fetching follower.
+#[derive(Debug, Clone)]
+pub struct ReplicaData {
+    /// Whole batches from the fetch offset (empty when there is nothing new).
+    pub records: Bytes,
+    /// The leader's offsets.
+    pub state: PartitionState,
+}
+
 enum Command {
+    SetRole {
+        role: Role,
+        ctx: ReplicationContext,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    ReplicaRead {
+        replica: u64,
+        epoch: i32,
+        offset: u64,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<ReplicaData>>,
+    },
+    EpochEnd {
+        leader_epoch: i32,
+        epoch: i32,
+        reply: oneshot::Sender<Result<Option<(i32, u64)>>>,
+    },
+    LatestEpoch {
+        reply: oneshot::Sender<Result<Option<i32>>>,
+    },
+    TruncateForEpoch {
+        epoch: i32,
+        answer: Option<(i32, u64)>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    AppendFromLeader {
+        epoch: i32,
+        records: Bytes,
+        leader: PartitionState,
+        reply: oneshot::Sender<Result<u64>>,
+    },
     Append {
         batch: Bytes,
         acks: Acks,
@@ -102,20 +145,27 @@ pub struct PartitionHandle {
 }
 
 impl PartitionHandle {
-    /// Starts the task that owns `log`.
+    /// Starts the task that owns `log`: the only replica, or with `replicated` one that
+    /// takes no writes until the metadata log gives it a role.
     pub fn spawn(
         tp: TopicPartition,
         log: Log,
         config: TopicConfig,
         manager: Arc<LogManager>,
+        replicated: bool,
     ) -> PartitionHandle {
-        let state = task::state_of(&log, &config);
+        let tp = Arc::new(tp);
+        let replica = if replicated {
+            replica::Replica::unassigned(Arc::clone(&tp))
+        } else {
+            replica::Replica::standalone(Arc::clone(&tp), &log, &config)
+        };
+        let state = task::state_of(&log, &replica);
         let (state_tx, state_rx) = watch::channel(state);
         let (tx, rx) = mpsc::channel(4096);
-        let tp = Arc::new(tp);
         tokio::spawn(task::run(task::Task {
             tp: Arc::clone(&tp),
-            log: Some(log),
+            log: Some((log, replica)),
             config,
             manager,
             rx,
@@ -131,6 +181,12 @@ impl PartitionHandle {
     /// The topic-partition.
     pub fn topic_partition(&self) -> &TopicPartition {
         &self.tp
+    }
+
+    /// Whether both handles reach the same task (a topic deleted and created again gets
+    /// new ones).
+    pub fn same_task(&self, other: &PartitionHandle) -> bool {
+        self.tx.same_channel(&other.tx)
     }
 
     /// Current offsets.
@@ -222,6 +278,76 @@ impl PartitionHandle {
             .await
     }
 
+    /// Takes the role the metadata log gives this broker for the partition.
+    pub async fn set_role(&self, role: Role, ctx: ReplicationContext) -> Result<()> {
+        self.call(|reply| Command::SetRole { role, ctx, reply })
+            .await
+    }
+
+    /// Leader side of a follower's fetch: records that `replica` holds everything below
+    /// `offset`, then returns batches from there up to the log end.
+    pub async fn replica_read(
+        &self,
+        replica: u64,
+        epoch: i32,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ReplicaData> {
+        self.call(|reply| Command::ReplicaRead {
+            replica,
+            epoch,
+            offset,
+            max_bytes,
+            reply,
+        })
+        .await
+    }
+
+    /// Leader side of OffsetsForLeaderEpoch, answered only while leading in
+    /// `leader_epoch`.
+    pub async fn epoch_end(&self, leader_epoch: i32, epoch: i32) -> Result<Option<(i32, u64)>> {
+        self.call(|reply| Command::EpochEnd {
+            leader_epoch,
+            epoch,
+            reply,
+        })
+        .await
+    }
+
+    /// The latest leader epoch in this replica's log.
+    pub async fn latest_epoch(&self) -> Result<Option<i32>> {
+        self.call(|reply| Command::LatestEpoch { reply }).await
+    }
+
+    /// Follower side of OffsetsForLeaderEpoch: cuts whatever the leader's `answer` for
+    /// this replica's latest epoch shows it does not have (`None`: the leader has no
+    /// such epoch, so everything goes). Returns the new log end offset.
+    pub async fn truncate_for_epoch(&self, epoch: i32, answer: Option<(i32, u64)>) -> Result<u64> {
+        self.call(|reply| Command::TruncateForEpoch {
+            epoch,
+            answer,
+            reply,
+        })
+        .await
+    }
+
+    /// Follower side of a fetch: appends the leader's batches as they are and takes its
+    /// high watermark. Returns the new log end offset.
+    pub async fn append_from_leader(
+        &self,
+        epoch: i32,
+        records: Bytes,
+        leader: PartitionState,
+    ) -> Result<u64> {
+        self.call(|reply| Command::AppendFromLeader {
+            epoch,
+            records,
+            leader,
+            reply,
+        })
+        .await
+    }
+
     /// Flushes and closes the log cleanly; the task ends.
     pub async fn close(&self) -> Result<()> {
         self.call(|reply| Command::Close { reply }).await
@@ -256,7 +382,7 @@ mod tests {
         let tp = TopicPartition::new("t", 0);
         let log = manager.create(&tp, config.log.clone()).expect("create");
         (
-            PartitionHandle::spawn(tp, log, config, Arc::clone(&manager)),
+            PartitionHandle::spawn(tp, log, config, Arc::clone(&manager), false),
             manager,
         )
     }

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_log_store::{AppendOptions, FlushPolicy, Log, LogManager, TopicPartition};
+use sluice_log_store::{AppendOptions, BatchIter, FlushPolicy, Log, LogManager, TopicPartition};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Acks, AppendResult, Command, OffsetSpec, PartitionState};
+use super::replica::Replica;
+use super::{Acks, AppendResult, Command, OffsetSpec, PartitionState, ReplicaData};
 use crate::error::{BrokerError, Result};
 use crate::topic::config::{TimestampType, TopicConfig};
 
@@ -15,26 +16,27 @@ use crate::topic::config::{TimestampType, TopicConfig};
 const MAX_ROUND: usize = 512;
 /// How often retention runs (Kafka's `log.retention.check.interval.ms` is 5 minutes).
 const RETENTION_CHECK: Duration = Duration::from_secs(60);
+/// How often a leader looks for followers that fell behind.
+const LAG_CHECK: Duration = Duration::from_millis(500);
+
+/// The log and the replication state that goes with it; they travel together to the
+/// blocking thread each round.
+type Owned = (Log, Replica);
 
 pub(super) struct Task {
     pub tp: Arc<TopicPartition>,
-    pub log: Option<Log>,
+    pub log: Option<Owned>,
     pub config: TopicConfig,
     pub manager: Arc<LogManager>,
     pub rx: mpsc::Receiver<Command>,
     pub state: Arc<watch::Sender<PartitionState>>,
 }
 
-/// The high watermark of a single replica: what is durable under `EveryBatch`, what is
-/// written otherwise (the topic chose to trust the page cache).
-pub(super) fn state_of(log: &Log, config: &TopicConfig) -> PartitionState {
-    let high_watermark = match config.log.flush {
-        FlushPolicy::EveryBatch => log.recovery_point(),
-        _ => log.log_end_offset(),
-    };
+/// The offsets of `log` with the high watermark its replica computed.
+pub(super) fn state_of(log: &Log, replica: &Replica) -> PartitionState {
     PartitionState {
         log_start_offset: log.log_start_offset(),
-        high_watermark,
+        high_watermark: replica.high_watermark(),
         log_end_offset: log.log_end_offset(),
     }
 }
@@ -81,7 +83,7 @@ pub(super) async fn run(mut task: Task) {
             _ = ticker.tick() => Work::Tick,
         };
         let closed_channel = matches!(&work, Work::Commands(c) if c.is_empty());
-        let Some(log) = task.log.take() else { return };
+        let Some(owned) = task.log.take() else { return };
         let config = task.config.clone();
         let manager = Arc::clone(&task.manager);
         let retention_due = last_retention.elapsed() >= RETENTION_CHECK;
@@ -91,26 +93,31 @@ pub(super) async fn run(mut task: Task) {
         let tp = Arc::clone(&task.tp);
         let state = Arc::clone(&task.state);
         let round = tokio::task::spawn_blocking(move || {
-            let mut log = Some(log);
+            let mut owned = Some(owned);
             let (after, changed) = match work {
                 Work::Tick => {
-                    tick(&tp, log.as_mut(), retention_due);
+                    if let Some((log, replica)) = owned.as_mut() {
+                        tick(&tp, log, retention_due);
+                        replica.check_lag(&config);
+                        settle(&state, log, replica, &config);
+                    }
                     (After::Continue, None)
                 }
                 Work::Commands(cmds) if cmds.is_empty() => {
-                    if let Some(l) = log.take() {
+                    if let Some((l, mut replica)) = owned.take() {
+                        replica.fail_pending(&BrokerError::ShuttingDown);
                         if let Err(e) = l.close() {
                             tracing::error!(partition = %tp, error = %e, "closing log failed");
                         }
                     }
                     (After::Stop, None)
                 }
-                Work::Commands(cmds) => run_round(&mut log, cmds, &config, &manager, &state),
+                Work::Commands(cmds) => run_round(&mut owned, cmds, &config, &manager, &state),
             };
-            (log, changed.unwrap_or(config), after)
+            (owned, changed.unwrap_or(config), after)
         })
         .await;
-        let (log, config, after) = match round {
+        let (owned, config, after) = match round {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(partition = %task.tp, error = %e, "partition round panicked");
@@ -121,10 +128,7 @@ pub(super) async fn run(mut task: Task) {
             ticker = tokio::time::interval(tick_interval(&config));
         }
         task.config = config;
-        if let Some(l) = &log {
-            publish(&task.state, l, &task.config);
-        }
-        task.log = log;
+        task.log = owned;
         if matches!(after, After::Stop) || closed_channel || task.log.is_none() {
             return;
         }
@@ -132,14 +136,14 @@ pub(super) async fn run(mut task: Task) {
 }
 
 fn tick_interval(config: &TopicConfig) -> Duration {
-    match config.log.flush {
+    let check = match config.log.flush {
         FlushPolicy::Interval(d) => d.clamp(Duration::from_millis(1), RETENTION_CHECK),
         _ => RETENTION_CHECK,
-    }
+    };
+    check.min(LAG_CHECK)
 }
 
-fn tick(tp: &TopicPartition, log: Option<&mut Log>, retention_due: bool) {
-    let Some(log) = log else { return };
+fn tick(tp: &TopicPartition, log: &mut Log, retention_due: bool) {
     if let Err(e) = log.apply_flush_policy() {
         tracing::error!(partition = %tp, error = %e, "flush failed");
     }
@@ -154,52 +158,55 @@ fn tick(tp: &TopicPartition, log: Option<&mut Log>, retention_due: bool) {
     }
 }
 
-/// Publishes the log's offsets; done before producers are answered, so that whoever
-/// hears "appended" also sees the high watermark that append moved.
-fn publish(state: &watch::Sender<PartitionState>, log: &Log, config: &TopicConfig) {
-    let now = state_of(log, config);
+/// Moves the high watermark, publishes the offsets, then answers the `acks=all`
+/// producers it covers: whoever hears "appended" also sees the high watermark move.
+fn settle(
+    state: &watch::Sender<PartitionState>,
+    log: &Log,
+    replica: &mut Replica,
+    config: &TopicConfig,
+) {
+    replica.settle_hw(log, config);
+    let now = state_of(log, replica);
     state.send_if_modified(|s| {
         let changed = *s != now;
         *s = now;
         changed
     });
+    replica.answer_pending();
 }
 
 type Waiting = Vec<(oneshot::Sender<Result<AppendResult>>, AppendResult)>;
 
 /// Runs one round of commands in order. Appends are written without a flush; the flush
-/// policy is applied once at the end (group commit), and only then are `acks=all`
-/// producers answered.
+/// policy is applied once at the end (group commit), and `acks=all` producers are
+/// answered once the high watermark covers their batch.
 fn run_round(
-    log_slot: &mut Option<Log>,
+    slot: &mut Option<Owned>,
     cmds: Vec<Command>,
     config: &TopicConfig,
     manager: &LogManager,
     state: &watch::Sender<PartitionState>,
 ) -> (After, Option<TopicConfig>) {
-    let mut waiting_for_flush: Waiting = Vec::new();
-    let mut waiting_for_write: Waiting = Vec::new();
+    let mut written: Waiting = Vec::new();
     let mut after = After::Continue;
     let mut new_config: Option<TopicConfig> = None;
     for cmd in cmds {
-        let Some(log) = log_slot.as_mut() else {
+        let Some((log, replica)) = slot.as_mut() else {
             refuse(cmd);
             continue;
         };
+        let config = new_config.as_ref().unwrap_or(config);
         match cmd {
             Command::Append { batch, acks, reply } => {
-                // One node is the whole ISR; refuse before writing, so nothing is half-written.
-                if acks == Acks::All && config.min_insync_replicas > 1 {
-                    let _ = reply.send(Err(BrokerError::NotEnoughReplicas {
-                        isr: 1,
-                        min: config.min_insync_replicas,
-                    }));
+                if let Err(e) = replica.check_append(acks, config) {
+                    let _ = reply.send(Err(e));
                     continue;
                 }
                 let log_append_time =
                     (config.timestamp_type == TimestampType::LogAppendTime).then(now_ms);
                 let options = AppendOptions {
-                    leader_epoch: 0,
+                    leader_epoch: replica.leader_epoch(),
                     log_append_time,
                 };
                 match log.append_deferred(&batch, options) {
@@ -211,9 +218,9 @@ fn run_round(
                             log_start_offset: log.log_start_offset(),
                         };
                         if acks == Acks::All {
-                            waiting_for_flush.push((reply, result));
+                            replica.wait_for_hw(reply, result);
                         } else {
-                            waiting_for_write.push((reply, result));
+                            written.push((reply, result));
                         }
                     }
                     Err(e) => {
@@ -226,31 +233,31 @@ fn run_round(
                 max_bytes,
                 reply,
             } => {
-                let state = state_of(log, new_config.as_ref().unwrap_or(config));
+                let now = state_of(log, replica);
                 // Between the high watermark and the log end there is nothing to see yet,
                 // but the offset is valid (acks=1 answers before the flush moves it).
-                let result = if offset < state.log_start_offset || offset > state.log_end_offset {
+                let result = if offset < now.log_start_offset || offset > now.log_end_offset {
                     Err(BrokerError::OffsetOutOfRange {
                         offset,
-                        log_start_offset: state.log_start_offset,
-                        high_watermark: state.high_watermark,
+                        log_start_offset: now.log_start_offset,
+                        high_watermark: now.high_watermark,
                     })
                 } else {
-                    log.read_bounded(offset, max_bytes, state.high_watermark)
+                    log.read_bounded(offset, max_bytes, now.high_watermark)
                         .map_err(BrokerError::from)
                 };
                 let _ = reply.send(result);
             }
             Command::ListOffset { spec, reply } => {
-                let state = state_of(log, config);
+                let now = state_of(log, replica);
                 let result = match spec {
-                    OffsetSpec::Earliest => Ok((state.log_start_offset, -1)),
-                    OffsetSpec::Latest => Ok((state.high_watermark, -1)),
+                    OffsetSpec::Earliest => Ok((now.log_start_offset, -1)),
+                    OffsetSpec::Latest => Ok((now.high_watermark, -1)),
                     OffsetSpec::Timestamp(ts) => match log.offset_for_timestamp(ts) {
-                        Ok(Some((offset, found))) if offset < state.high_watermark => {
+                        Ok(Some((offset, found))) if offset < now.high_watermark => {
                             Ok((offset, found))
                         }
-                        Ok(_) => Ok((state.high_watermark, -1)),
+                        Ok(_) => Ok((now.high_watermark, -1)),
                         Err(e) => Err(e.into()),
                     },
                 };
@@ -261,6 +268,82 @@ fn run_round(
                 if result.is_ok() {
                     new_config = Some(c);
                 }
+                let _ = reply.send(result);
+            }
+            Command::SetRole { role, ctx, reply } => {
+                replica.set_role(role, ctx, log, config);
+                let _ = reply.send(Ok(()));
+            }
+            Command::ReplicaRead {
+                replica: follower,
+                epoch,
+                offset,
+                max_bytes,
+                reply,
+            } => {
+                let result = replica
+                    .on_replica_fetch(follower, epoch, offset, log, config)
+                    .and_then(|()| {
+                        let leo = log.log_end_offset();
+                        // Outside the log the follower gets no batches, only the
+                        // offsets it needs to cut or restart its own log.
+                        let records = if offset < log.log_start_offset() || offset >= leo {
+                            bytes::Bytes::new()
+                        } else {
+                            log.read_bounded(offset, max_bytes, leo)?
+                        };
+                        Ok(ReplicaData {
+                            records,
+                            state: state_of(log, replica),
+                        })
+                    });
+                // The follower's position may have moved the high watermark.
+                settle(state, log, replica, config);
+                let _ = reply.send(result);
+            }
+            Command::EpochEnd {
+                leader_epoch,
+                epoch,
+                reply,
+            } => {
+                let result = replica
+                    .check_leader_epoch(leader_epoch)
+                    .map(|()| log.end_offset_for_epoch(epoch));
+                let _ = reply.send(result);
+            }
+            Command::LatestEpoch { reply } => {
+                let _ = reply.send(Ok(log.epoch_history().latest_epoch()));
+            }
+            Command::TruncateForEpoch {
+                epoch,
+                answer,
+                reply,
+            } => {
+                let result = replica.check_follower_epoch(epoch).and_then(|()| {
+                    // Keep what both logs agree on: up to where the leader's answer
+                    // epoch ended there and here, whichever is first.
+                    let cut = answer.map_or(log.log_start_offset(), |(e, end)| {
+                        let here = log.end_offset_for_epoch(e).map_or(0, |(_, o)| o);
+                        end.min(here)
+                    });
+                    Ok(log.truncate_to(cut)?)
+                });
+                settle(state, log, replica, config);
+                let _ = reply.send(result);
+            }
+            Command::AppendFromLeader {
+                epoch,
+                records,
+                leader,
+                reply,
+            } => {
+                let result = replica
+                    .check_follower_epoch(epoch)
+                    .and_then(|()| append_from_leader(log, records, leader));
+                if let Ok(leo) = result {
+                    replica.follow_hw(leader.high_watermark.min(leo), log);
+                }
+                settle(state, log, replica, config);
                 let _ = reply.send(result);
             }
             Command::Roll { reply } => {
@@ -278,71 +361,75 @@ fn run_round(
                 let _ = reply.send(result);
             }
             Command::Close { reply } => {
-                answer(
-                    log,
-                    config,
-                    state,
-                    &mut waiting_for_write,
-                    &mut waiting_for_flush,
-                );
-                let result = log_slot
-                    .take()
-                    .map_or(Ok(()), |l| l.close().map_err(BrokerError::from));
+                answer(log, replica, config, state, &mut written);
+                let result = slot.take().map_or(Ok(()), |(l, mut r)| {
+                    r.fail_pending(&BrokerError::ShuttingDown);
+                    l.close().map_err(BrokerError::from)
+                });
                 let _ = reply.send(result);
                 after = After::Stop;
             }
             Command::Delete { reply } => {
-                answer(
-                    log,
-                    config,
-                    state,
-                    &mut waiting_for_write,
-                    &mut waiting_for_flush,
-                );
-                let result = log_slot
-                    .take()
-                    .map_or(Ok(()), |l| manager.delete(l).map_err(BrokerError::from));
+                answer(log, replica, config, state, &mut written);
+                let result = slot.take().map_or(Ok(()), |(l, mut r)| {
+                    r.fail_pending(&BrokerError::ShuttingDown);
+                    manager.delete(l).map_err(BrokerError::from)
+                });
                 let _ = reply.send(result);
                 after = After::Stop;
             }
         }
     }
-    if let Some(log) = log_slot.as_mut() {
+    if let Some((log, replica)) = slot.as_mut() {
         let config = new_config.as_ref().unwrap_or(config);
-        answer(
-            log,
-            config,
-            state,
-            &mut waiting_for_write,
-            &mut waiting_for_flush,
-        );
+        answer(log, replica, config, state, &mut written);
     }
     (after, new_config)
 }
 
-/// Answers the round's `acks=1` producers, flushes per policy, then answers its
-/// `acks=all` producers; the offsets are published before each group hears back.
+/// A follower's append of what one fetch returned: the leader's batches as they are,
+/// flushed once. Returns the new log end offset.
+fn append_from_leader(log: &mut Log, records: bytes::Bytes, leader: PartitionState) -> Result<u64> {
+    if log.log_end_offset() > leader.log_end_offset {
+        // This replica holds more than its leader: the surplus was never committed.
+        log.truncate_to(leader.log_end_offset)?;
+    }
+    if log.log_end_offset() < leader.log_start_offset {
+        // The leader no longer has what comes next here; start over where it starts.
+        log.truncate_fully(leader.log_start_offset)?;
+    }
+    for batch in BatchIter::new(records) {
+        let batch = batch?;
+        if batch.header().last_offset() < log.log_end_offset() {
+            continue;
+        }
+        log.append_replicated_deferred(batch.bytes())?;
+    }
+    log.apply_flush_policy()?;
+    Ok(log.log_end_offset())
+}
+
+/// Answers the round's `acks=1` producers, flushes per policy, then settles the high
+/// watermark, which answers the `acks=all` producers it covers.
 fn answer(
     log: &mut Log,
+    replica: &mut Replica,
     config: &TopicConfig,
     state: &watch::Sender<PartitionState>,
     written: &mut Waiting,
-    durable: &mut Waiting,
 ) {
     if !written.is_empty() {
-        publish(state, log, config);
+        settle(state, log, replica, config);
         for (reply, result) in written.drain(..) {
             let _ = reply.send(Ok(result));
         }
     }
-    let flushed = log.apply_flush_policy().map_err(BrokerError::from);
-    if let Err(e) = &flushed {
+    if let Err(e) = log.apply_flush_policy() {
+        let e = BrokerError::from(e);
         tracing::error!(error = %e, "flush failed");
+        replica.fail_pending(&e);
     }
-    publish(state, log, config);
-    for (reply, result) in durable.drain(..) {
-        let _ = reply.send(flushed.clone().map(|()| result));
-    }
+    settle(state, log, replica, config);
 }
 
 fn refuse(cmd: Command) {
@@ -357,10 +444,25 @@ fn refuse(cmd: Command) {
         Command::ListOffset { reply, .. } => {
             let _ = reply.send(Err(err));
         }
-        Command::SetConfig { reply, .. } | Command::Close { reply } | Command::Delete { reply } => {
+        Command::ReplicaRead { reply, .. } => {
             let _ = reply.send(Err(err));
         }
-        Command::Roll { reply } | Command::DeleteBefore { reply, .. } => {
+        Command::EpochEnd { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::LatestEpoch { reply } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::SetConfig { reply, .. }
+        | Command::SetRole { reply, .. }
+        | Command::Close { reply }
+        | Command::Delete { reply } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::Roll { reply }
+        | Command::DeleteBefore { reply, .. }
+        | Command::TruncateForEpoch { reply, .. }
+        | Command::AppendFromLeader { reply, .. } => {
             let _ = reply.send(Err(err));
         }
     }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sluice_log_store::manager::is_valid_topic_name;
-use sluice_log_store::{LogManager, TopicPartition};
+use sluice_log_store::{Log, LogManager, TopicPartition};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::TopicConfig;
@@ -97,6 +97,9 @@ pub struct TopicDefaults {
     pub replication_factor: u32,
     /// Brokers that can hold replicas (1 for a single node).
     pub brokers: u32,
+    /// In a cluster, a partition waits for the metadata log to make it leader or
+    /// follower before it takes writes; internal topics (`__` names) stay local.
+    pub replicated: bool,
 }
 
 /// Reaches the topic manager; cheap to clone.
@@ -227,6 +230,17 @@ impl Owner {
             .map_err(BrokerError::InvalidConfig)
     }
 
+    fn spawn(&self, tp: TopicPartition, log: Log, config: &TopicConfig) -> PartitionHandle {
+        let replicated = self.defaults.replicated && !tp.topic.starts_with("__");
+        PartitionHandle::spawn(
+            tp,
+            log,
+            config.clone(),
+            Arc::clone(&self.manager),
+            replicated,
+        )
+    }
+
     fn open_partition(&self, tp: &TopicPartition, config: &TopicConfig) -> Result<PartitionHandle> {
         let log = if self.manager.partition_dir(tp).is_dir() {
             self.manager.open_log(tp, config.log.clone())?
@@ -234,12 +248,7 @@ impl Owner {
             // Metadata was persisted before the folder was made: make it now.
             self.manager.create(tp, config.log.clone())?
         };
-        Ok(PartitionHandle::spawn(
-            tp.clone(),
-            log,
-            config.clone(),
-            Arc::clone(&self.manager),
-        ))
+        Ok(self.spawn(tp.clone(), log, config))
     }
 
     fn open_existing(&mut self, meta: TopicMeta) -> Result<()> {
@@ -374,12 +383,7 @@ impl Owner {
         for p in 0..partitions {
             let tp = TopicPartition::new(&meta.name, p);
             match self.manager.create(&tp, config.log.clone()) {
-                Ok(log) => handles.push(PartitionHandle::spawn(
-                    tp,
-                    log,
-                    config.clone(),
-                    Arc::clone(&self.manager),
-                )),
+                Ok(log) => handles.push(self.spawn(tp, log, &config)),
                 Err(e) => {
                     // Undo: forget the topic; its strays are removed at the next start.
                     let _ = self.persist(&self.metas);

@@ -34,6 +34,13 @@ pub struct ProduceArgs {
     /// Batch size in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     batch_size: usize,
+    /// How often a batch that failed for a retriable reason is sent again [default:
+    /// until the delivery timeout].
+    #[arg(long)]
+    retries: Option<u32>,
+    /// Give up on a record this long after it was sent, in ms.
+    #[arg(long, default_value_t = 120_000)]
+    delivery_timeout_ms: u64,
 }
 
 pub fn parse_acks(s: &str) -> Result<Acks, String> {
@@ -51,6 +58,8 @@ pub async fn run(global: &Global, args: ProduceArgs) -> Result<(), CliError> {
         compression: args.compression,
         linger: Duration::from_millis(args.linger_ms),
         batch_size: args.batch_size,
+        retries: args.retries.unwrap_or(u32::MAX),
+        delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
         ..ProducerConfig::default()
     })
     .await?;

@@ -1,0 +1,149 @@
+//! Partition replication across three broker processes on 127.0.0.1, killed with
+//! SIGKILL: followers copy their leader byte for byte, leave and rejoin the ISR through
+//! the controller, and acks=all refuses to pretend when too few replicas are left.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_tests::broker::BrokerProcess;
+use sluice_tests::cli::{ok, sluice};
+use sluice_tests::cluster::{describe, wait_for_brokers, wait_partition, Quorum};
+
+/// Lines `from..to`, one record each.
+fn numbered(from: u32, to: u32) -> String {
+    (from..to).map(|i| format!("r{i}\n")).collect()
+}
+
+/// The bytes of a replica's log segments, in order.
+fn log_bytes(data_dir: &Path, topic: &str, p: u32) -> Vec<u8> {
+    let dir = data_dir.join(format!("{topic}-{p}"));
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .expect("partition folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    segments
+        .iter()
+        .flat_map(|s| std::fs::read(s).expect("segment"))
+        .collect()
+}
+
+fn consume_all(addr: &str, topic: &str, n: usize) -> Vec<String> {
+    let count = n.to_string();
+    let out = ok(&sluice(
+        addr,
+        &[
+            "consume",
+            topic,
+            "--from-beginning",
+            "--max-messages",
+            &count,
+            "--timeout-ms",
+            "10000",
+        ],
+        "",
+    ));
+    out.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn followers_copy_the_leader_leave_the_isr_and_rejoin_it() {
+    let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
+    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    ok(&sluice(
+        &q.addrs[0],
+        &[
+            "topic",
+            "create",
+            "rep",
+            "-p",
+            "1",
+            "-r",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        "",
+    ));
+    let placed = wait_partition(&[&q.addrs[0]], "rep", 0, 10, |v| v.leader > 0);
+    assert_eq!(
+        placed.isr,
+        vec![1, 2, 3],
+        "a new partition is in sync everywhere"
+    );
+    let leader = (placed.leader - 1) as usize;
+    let lead = q.addrs[leader].clone();
+    let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+
+    // acks=all: answered only once every ISR member has the records.
+    ok(&sluice(
+        &lead,
+        &["produce", "rep", "--acks", "all"],
+        &numbered(0, 1000),
+    ));
+    let v = wait_partition(&[&lead], "rep", 0, 10, |v| v.high_watermark == 1000);
+    assert_eq!(v.log_end_offset, 1000);
+
+    // Test 3: a follower is SIGKILLed; the controller fences it out of the ISR, writes
+    // go on with two in sync; restarted, it catches up and rejoins.
+    brokers[f1].take().expect("running").sigkill();
+    let shrunk = wait_partition(&[&lead], "rep", 0, 30, |v| v.isr.len() == 2);
+    assert!(!shrunk.isr.contains(&((f1 + 1) as i64)), "{shrunk:?}");
+    ok(&sluice(
+        &lead,
+        &["produce", "rep", "--acks", "all"],
+        &numbered(1000, 2000),
+    ));
+    brokers[f1] = Some(q.start(f1));
+    wait_partition(&[&lead], "rep", 0, 30, |v| v.isr == [1, 2, 3]);
+    ok(&sluice(
+        &lead,
+        &["produce", "rep", "--acks", "all"],
+        &numbered(2000, 3000),
+    ));
+    wait_partition(&[&lead], "rep", 0, 10, |v| v.high_watermark == 3000);
+    // Every replica holds the same bytes: offsets, epochs and CRCs as the leader wrote.
+    let want = log_bytes(&q.data_dir(leader), "rep", 0);
+    for f in [f1, f2] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log_bytes(&q.data_dir(f), "rep", 0) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica on broker {} differs from the leader's",
+                f + 1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let got = consume_all(&lead, "rep", 3000);
+    assert_eq!(got.len(), 3000);
+    assert!(got.iter().enumerate().all(|(i, l)| *l == format!("r{i}")));
+
+    // Test 6: with only the leader left (the controller has no quorum either, so the
+    // ISR cannot shrink), acks=all is refused with NOT_ENOUGH_REPLICAS once the
+    // followers have been silent for replica.lag.time.max.ms, and nothing is written.
+    brokers[f1].take().expect("running").sigkill();
+    brokers[f2].take().expect("running").sigkill();
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = describe(&lead, "rep").expect("describe")[0].clone();
+    let refused = sluice(
+        &lead,
+        &["produce", "rep", "--acks", "all", "--retries", "0"],
+        "lost\n",
+    );
+    assert!(!refused.status.success(), "acks=all with one replica left");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("NOT_ENOUGH_REPLICAS"), "{err}");
+    let after = describe(&lead, "rep").expect("describe")[0].clone();
+    assert_eq!(
+        after.log_end_offset, before.log_end_offset,
+        "nothing half-written"
+    );
+    assert_eq!(after.high_watermark, 3000);
+
+    for b in brokers.into_iter().flatten() {
+        b.sigkill();
+    }
+}
