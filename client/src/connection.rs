@@ -12,30 +12,50 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:9292";
 /// Largest gRPC message the client sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// The endpoint of one broker, `host:port` or a URI, with the client's settings.
+pub fn endpoint(addr: &str) -> std::result::Result<Endpoint, String> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(uri).map_err(|e| format!("{addr}: {e}"))?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(30)))
+}
+
+/// The addresses of a `host:port,host:port` list.
+pub fn addresses(brokers: &str) -> Vec<String> {
+    brokers
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Opens a channel to the first broker in `brokers` (`host:port,host:port`) that answers.
 pub async fn connect(brokers: &str) -> Result<Channel> {
+    connect_first(brokers).await.map(|(_, c)| c)
+}
+
+/// Like [`connect`], also naming the broker that answered.
+pub async fn connect_first(brokers: &str) -> Result<(String, Channel)> {
     let mut last = String::from("no broker address given");
-    for addr in brokers.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = match Endpoint::from_shared(uri) {
+    for addr in addresses(brokers) {
+        let endpoint = match endpoint(&addr) {
             Ok(e) => e,
             Err(e) => {
-                last = format!("{addr}: {e}");
+                last = e;
                 continue;
             }
         };
-        let endpoint = endpoint
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .http2_keep_alive_interval(Duration::from_secs(30));
         match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
+            Ok(channel) => return Ok((addr, channel)),
             Err(e) => last = format!("{addr}: {e}"),
         }
     }

@@ -72,6 +72,14 @@ impl ClientError {
         }
     }
 
+    /// A metadata value the broker attached, as text.
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        match self {
+            ClientError::Broker { metadata, .. } => metadata.get(key).map(String::as_str),
+            _ => None,
+        }
+    }
+
     /// A metadata value the broker attached, parsed.
     pub fn metadata_u64(&self, key: &str) -> Option<u64> {
         match self {

@@ -5,4 +5,5 @@ pub mod binaries;
 pub mod broker;
 pub mod cli;
 pub mod cluster;
+pub mod history;
 pub mod process;

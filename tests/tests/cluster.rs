@@ -4,11 +4,13 @@
 use std::time::{Duration, Instant};
 
 use sluice_client::{ClientError, ErrorReason};
+use sluice_log_store::{Compression, RecordBatchBuilder};
 use sluice_proto::v1::controller_service_client::ControllerServiceClient;
-use sluice_proto::v1::RaftBatch;
+use sluice_proto::v1::produce_service_client::ProduceServiceClient;
+use sluice_proto::v1::{Acks, ProduceRequest, RaftBatch};
 use sluice_tests::broker::BrokerProcess;
 use sluice_tests::cli::{ok, sluice};
-use sluice_tests::cluster::{wait_for_brokers as wait_for, Quorum};
+use sluice_tests::cluster::{describe, wait_for_brokers as wait_for, Quorum};
 
 #[test]
 fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
@@ -149,24 +151,50 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_REPLICATION_FACTOR"));
 
-    // Only the leader takes writes; the others name it.
+    // Only the leader takes writes; the others name it, and the producer follows the
+    // name: a record sent through a follower lands on the leader.
     let (leader, _) = placed[0].clone();
     let follower = (1..=3).find(|&id| id != leader).expect("a follower");
-    let write = |id: i64| {
-        sluice(
-            &addrs[(id - 1) as usize],
-            &["produce", "orders", "--partition", "0"],
-            "hello\n",
-        )
-    };
-    let refused = write(follower);
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        err.contains("NOT_LEADER") && err.contains(&format!("broker {leader} does")),
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let refused = rt.block_on(async {
+        let mut c =
+            ProduceServiceClient::connect(format!("http://{}", addrs[(follower - 1) as usize]))
+                .await
+                .expect("connect");
+        let mut b = RecordBatchBuilder::new(Compression::None);
+        b.append(0, None, Some(b"hello"), &[]);
+        c.produce(ProduceRequest {
+            topic: "orders".into(),
+            partition: 0,
+            records: b.build().expect("batch"),
+            acks: Acks::All as i32,
+            timeout_ms: 0,
+        })
+        .await
+        .expect_err("a follower refuses writes")
+    });
+    let err = ClientError::from(refused);
+    assert_eq!(err.reason(), Some(ErrorReason::NotLeader), "{err}");
+    assert_eq!(err.metadata_u64("leader_id"), Some(leader as u64), "{err}");
+    assert_eq!(
+        err.metadata_str("leader_address"),
+        Some(addrs[(leader - 1) as usize].as_str()),
         "{err}"
     );
-    assert!(write(leader).status.success());
+    let via_follower = sluice(
+        &addrs[(follower - 1) as usize],
+        &["produce", "orders", "--partition", "0"],
+        "hello\n",
+    );
+    assert!(via_follower.status.success(), "{via_follower:?}");
+    let leader_view = describe(&addrs[(leader - 1) as usize], "orders").expect("describe");
+    assert_eq!(
+        leader_view[0].log_end_offset, 1,
+        "the record is on the leader"
+    );
 
     // The controller dies: a new one is elected and topic creation works again.
     let idx = (controller - 1) as usize;

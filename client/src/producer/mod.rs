@@ -1,13 +1,16 @@
-//! `Producer`: batches records per partition and keeps many batches in flight on one
-//! gRPC stream.
+//! `Producer`: batches records per partition and keeps many batches in flight, on one
+//! gRPC stream per partition leader.
 //!
 //! `send` puts a record into its partition's open batch and returns at once with a
 //! [`DeliveryFuture`]; a batch goes out when it reaches `batch_size` or has waited
-//! `linger`. A background task owns the stream: it sends ready batches, matches answers by
-//! correlation id, and retries batches that failed for a retriable reason (with backoff,
-//! until `delivery_timeout`). Like Kafka's producer without idempotence, a retried batch
-//! can land after a later batch of the same partition; keyed order holds whenever no retry
-//! happens.
+//! `linger`. A background task routes each ready batch to its partition's leader (a
+//! NOT_LEADER answer names the leader, and the batch, which was not written, goes there
+//! at once, without counting as a retry); a task per broker owns that broker's stream,
+//! matches answers by correlation id, and retries batches that failed for a retriable
+//! reason (with backoff, until `delivery_timeout`). Like Kafka's producer without
+//! idempotence, a retried batch can land after a later batch of the same partition, and a
+//! batch whose answer was lost may land twice; keyed order holds whenever no retry
+//! happens. Set `retries` to 0 to fail such batches instead (redirects still happen).
 
 mod accumulator;
 pub mod partitioner;
@@ -23,7 +26,7 @@ use sluice_log_store::{Compression, Header};
 use tokio::sync::watch;
 
 use crate::admin::Admin;
-use crate::connection::connect;
+use crate::connection::connect_first;
 use crate::error::{ClientError, Result};
 
 pub use accumulator::BatchOutcome;
@@ -264,9 +267,9 @@ impl Producer {
                 "batch_size and max_in_flight must be positive".into(),
             ));
         }
-        let channel = connect(&config.brokers).await?;
+        let (addr, channel) = connect_first(&config.brokers).await?;
         let accumulator = Arc::new(Accumulator::new(config.clone()));
-        sender::spawn(channel.clone(), Arc::clone(&accumulator), config);
+        sender::spawn(addr, channel.clone(), Arc::clone(&accumulator), config);
         Ok(Producer {
             accumulator,
             admin: Admin::with_channel(channel),

@@ -1,6 +1,10 @@
-//! The task that owns the produce stream: sends ready batches, matches answers, retries.
+//! Sending ready batches to partition leaders. A dispatcher routes each batch to the
+//! broker that leads its partition (learned from NOT_LEADER answers, which name the
+//! leader); one task per broker owns that broker's produce stream, matches answers by
+//! correlation id, and retries what failed for a retriable reason.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,17 +13,24 @@ use sluice_proto::v1::produce_service_client::ProduceServiceClient;
 use sluice_proto::v1::{
     produce_stream_response, Acks as WireAcks, ProduceRequest, ProduceStreamRequest,
 };
+use sluice_proto::ErrorReason;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::accumulator::{Accumulator, Acked, ReadyBatch};
 use super::{Acks, ProducerConfig};
-use crate::connection::MAX_MESSAGE_BYTES;
+use crate::connection::{addresses, endpoint, MAX_MESSAGE_BYTES};
 use crate::error::ClientError;
 
-pub(crate) fn spawn(channel: Channel, acc: Arc<Accumulator>, config: ProducerConfig) {
-    tokio::spawn(run(channel, acc, config));
+/// Starts the dispatcher; `first` is the channel to `first_addr`, a broker that answered.
+pub(crate) fn spawn(
+    first_addr: String,
+    first: Channel,
+    acc: Arc<Accumulator>,
+    config: ProducerConfig,
+) {
+    tokio::spawn(dispatch(first_addr, first, acc, config));
 }
 
 fn wire_acks(a: Acks) -> i32 {
@@ -42,11 +53,7 @@ fn retry_or_fail(
     mut batch: ReadyBatch,
     err: ClientError,
 ) {
-    // NOT_LEADER is retriable for a client that re-routes to the new leader; this one
-    // sends every batch to the broker it connected to, so retrying there only waits
-    // out the delivery timeout. Fail at once and let the caller see which broker leads.
     let retriable = err.is_retriable()
-        && err.reason() != Some(sluice_proto::ErrorReason::NotLeader)
         && batch.attempts < config.retries
         && batch.created.elapsed() < config.delivery_timeout;
     if retriable {
@@ -59,118 +66,325 @@ fn retry_or_fail(
     }
 }
 
-async fn run(channel: Channel, acc: Arc<Accumulator>, config: ProducerConfig) {
-    let mut client = ProduceServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut next_id: u64 = 0;
-    let mut in_flight: HashMap<u64, ReadyBatch> = HashMap::new();
-    let timeout_ms = config.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-    let mut reconnects = 0u32;
+/// Sends again a batch that was never sent (so it cannot have been written), unless
+/// its delivery timeout has passed; this is not a retry and does not count as one.
+fn resend(acc: &Accumulator, config: &ProducerConfig, batch: ReadyBatch, err: ClientError) {
+    if batch.created.elapsed() < config.delivery_timeout {
+        acc.requeue(batch, config.retry_backoff);
+    } else {
+        acc.complete(batch, Err(err));
+    }
+}
+
+/// What a broker's task tells the dispatcher.
+enum Event {
+    /// The broker does not lead the batch's partition (nothing was written); `to` is
+    /// the leader it named, if any.
+    Redirect {
+        batch: ReadyBatch,
+        to: Option<String>,
+        err: ClientError,
+    },
+    /// The broker could not be reached or its stream broke; its task has ended.
+    Down { addr: String },
+}
+
+type Key = (Arc<str>, u32);
+
+struct Router {
+    /// Partition leaders learned from NOT_LEADER answers.
+    routes: HashMap<Key, String>,
+    /// Where batches of partitions with no known leader go.
+    default: String,
+    bootstrap: Vec<String>,
+    conns: HashMap<String, mpsc::Sender<ReadyBatch>>,
+    first: Option<(String, Channel)>,
+}
+
+impl Router {
+    fn address_for(&self, key: &Key) -> String {
+        self.routes
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| self.default.clone())
+    }
+
+    fn channel_for(&mut self, addr: &str) -> Result<Channel, ClientError> {
+        if let Some((a, c)) = &self.first {
+            if a == addr {
+                return Ok(c.clone());
+            }
+        }
+        endpoint(addr)
+            .map(|e| e.connect_lazy())
+            .map_err(|message| ClientError::Connect {
+                brokers: addr.to_string(),
+                message,
+            })
+    }
+
+    fn down(&mut self, addr: &str) {
+        self.conns.remove(addr);
+        self.routes.retain(|_, a| a != addr);
+        if self.first.as_ref().is_some_and(|(a, _)| a == addr) {
+            self.first = None;
+        }
+        if self.default == addr && !self.bootstrap.is_empty() {
+            // Try the next bootstrap broker for partitions with no known leader.
+            let i = self
+                .bootstrap
+                .iter()
+                .position(|a| a == addr)
+                .map_or(0, |i| (i + 1) % self.bootstrap.len());
+            self.default = self.bootstrap[i].clone();
+        }
+    }
+}
+
+async fn dispatch(
+    first_addr: String,
+    first: Channel,
+    acc: Arc<Accumulator>,
+    config: ProducerConfig,
+) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let mut router = Router {
+        routes: HashMap::new(),
+        default: first_addr.clone(),
+        bootstrap: addresses(&config.brokers),
+        conns: HashMap::new(),
+        first: Some((first_addr, first)),
+    };
     loop {
         if Arc::strong_count(&acc) == 1 && acc.outstanding() == 0 {
+            // Dropping the routes' senders ends every broker task.
             return;
         }
-        let (req_tx, req_rx) = mpsc::channel::<ProduceStreamRequest>(config.max_in_flight.max(16));
-        let mut responses = match client.produce_stream(ReceiverStream::new(req_rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                let err = ClientError::from(status);
-                tracing::warn!(error = %err, "cannot open the produce stream");
-                // Nothing is in flight yet; fail or delay what is ready.
-                let (ready, _) = acc.take_ready(usize::MAX);
-                for b in ready {
-                    retry_or_fail(&acc, &config, b, err.clone());
-                }
-                reconnects += 1;
-                tokio::time::sleep(backoff(&config, reconnects)).await;
-                continue;
-            }
-        };
-        reconnects = 0;
-        'stream: loop {
-            let room = config.max_in_flight.saturating_sub(in_flight.len());
-            let (ready, next_wake) = acc.take_ready(room);
-            let mut ready = ready.into_iter();
-            while let Some(b) = ready.next() {
-                next_id += 1;
-                let req = ProduceStreamRequest {
-                    correlation_id: next_id,
-                    request: Some(ProduceRequest {
-                        topic: b.topic.to_string(),
-                        partition: b.partition as i32,
-                        records: b.bytes.clone(),
-                        acks: wire_acks(config.acks),
-                        timeout_ms,
-                    }),
-                };
-                if req_tx.send(req).await.is_err() {
-                    in_flight.insert(next_id, b);
-                    for rest in ready {
-                        acc.requeue(rest, Duration::ZERO);
+        let room = config
+            .max_in_flight
+            .saturating_sub(in_flight.load(Ordering::Acquire));
+        let (ready, next_wake) = acc.take_ready(room);
+        for b in ready {
+            let addr = router.address_for(&(Arc::clone(&b.topic), b.partition));
+            let tx = match router.conns.get(&addr) {
+                Some(tx) => tx.clone(),
+                None => match router.channel_for(&addr) {
+                    Ok(channel) => {
+                        let (tx, rx) = mpsc::channel(config.max_in_flight.max(16));
+                        tokio::spawn(broker_task(BrokerTask {
+                            addr: addr.clone(),
+                            channel,
+                            rx,
+                            acc: Arc::clone(&acc),
+                            config: config.clone(),
+                            events: events_tx.clone(),
+                            in_flight: Arc::clone(&in_flight),
+                        }));
+                        router.conns.insert(addr.clone(), tx.clone());
+                        tx
                     }
-                    break 'stream;
+                    Err(e) => {
+                        router.down(&addr);
+                        resend(&acc, &config, b, e);
+                        continue;
+                    }
+                },
+            };
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            if let Err(mpsc::error::SendError(b)) = tx.send(b).await {
+                // That broker's task ended meanwhile: never sent, send it again.
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                router.down(&addr);
+                acc.requeue(b, Duration::ZERO);
+            }
+        }
+        let sleep = tokio::time::sleep(
+            next_wake
+                .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
+                .unwrap_or(Duration::from_millis(200)),
+        );
+        tokio::select! {
+            _ = acc.wake.notified() => {}
+            _ = sleep => {}
+            Some(ev) = events.recv() => match ev {
+                Event::Redirect { batch, to, err } => {
+                    let key = (Arc::clone(&batch.topic), batch.partition);
+                    if batch.created.elapsed() >= config.delivery_timeout {
+                        acc.complete(batch, Err(err));
+                        continue;
+                    }
+                    // A redirect is not a retry: the batch was not written anywhere.
+                    match to {
+                        Some(addr) => {
+                            router.routes.insert(key, addr);
+                            acc.requeue(batch, Duration::ZERO);
+                        }
+                        None => {
+                            // No leader right now (an election is running): wait a
+                            // little, then ask whichever broker is the default.
+                            router.routes.remove(&key);
+                            acc.requeue(batch, config.retry_backoff);
+                        }
+                    }
                 }
-                if config.acks == Acks::None {
-                    acc.complete(
-                        b,
-                        Ok(Acked {
-                            base_offset: None,
-                            log_append_time: -1,
+                Event::Down { addr } => router.down(&addr),
+            },
+        }
+    }
+}
+
+struct BrokerTask {
+    addr: String,
+    channel: Channel,
+    rx: mpsc::Receiver<ReadyBatch>,
+    acc: Arc<Accumulator>,
+    config: ProducerConfig,
+    events: mpsc::UnboundedSender<Event>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl BrokerTask {
+    fn done(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // The dispatcher may be waiting for room.
+        self.acc.wake.notify_one();
+    }
+
+    fn answer(&self, batch: ReadyBatch, err: ClientError) {
+        self.done();
+        if err.reason() == Some(ErrorReason::NotLeader) {
+            let to = err.metadata_str("leader_address").map(str::to_string);
+            let _ = self.events.send(Event::Redirect { batch, to, err });
+        } else {
+            retry_or_fail(&self.acc, &self.config, batch, err);
+        }
+    }
+}
+
+/// Owns one broker's produce stream until the dispatcher drops its sender or the
+/// stream breaks.
+async fn broker_task(mut t: BrokerTask) {
+    let mut client = ProduceServiceClient::new(t.channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let timeout_ms = t
+        .config
+        .request_timeout
+        .as_millis()
+        .min(u128::from(u32::MAX)) as u32;
+    let (req_tx, req_rx) = mpsc::channel::<ProduceStreamRequest>(t.config.max_in_flight.max(16));
+    let mut responses = match client.produce_stream(ReceiverStream::new(req_rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let err = ClientError::from(status);
+            tracing::warn!(broker = %t.addr, error = %err, "cannot open the produce stream");
+            let _ = t.events.send(Event::Down {
+                addr: t.addr.clone(),
+            });
+            // Nothing was sent: these go back to be routed again, after a pause.
+            t.rx.close();
+            while let Some(b) = t.rx.recv().await {
+                t.done();
+                resend(&t.acc, &t.config, b, err.clone());
+            }
+            return;
+        }
+    };
+    let mut next_id: u64 = 0;
+    let mut in_flight: HashMap<u64, ReadyBatch> = HashMap::new();
+    let mut open = true;
+    loop {
+        if !open && in_flight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            b = t.rx.recv(), if open => match b {
+                Some(b) => {
+                    next_id += 1;
+                    let req = ProduceStreamRequest {
+                        correlation_id: next_id,
+                        request: Some(ProduceRequest {
+                            topic: b.topic.to_string(),
+                            partition: b.partition as i32,
+                            records: b.bytes.clone(),
+                            acks: wire_acks(t.config.acks),
+                            timeout_ms,
                         }),
-                    );
-                } else {
-                    in_flight.insert(next_id, b);
+                    };
+                    if req_tx.send(req).await.is_err() {
+                        in_flight.insert(next_id, b);
+                        break;
+                    }
+                    if t.config.acks == Acks::None {
+                        t.done();
+                        t.acc.complete(
+                            b,
+                            Ok(Acked {
+                                base_offset: None,
+                                log_append_time: -1,
+                            }),
+                        );
+                    } else {
+                        in_flight.insert(next_id, b);
+                    }
                 }
-            }
-            if in_flight.is_empty() && Arc::strong_count(&acc) == 1 && acc.outstanding() == 0 {
-                return;
-            }
-            let sleep = tokio::time::sleep(
-                next_wake
-                    .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
-                    .unwrap_or(Duration::from_millis(200)),
-            );
-            tokio::select! {
-                _ = acc.wake.notified() => {}
-                _ = sleep => {}
-                msg = responses.next(), if !in_flight.is_empty() => match msg {
-                    Some(Ok(resp)) => {
-                        let Some(batch) = in_flight.remove(&resp.correlation_id) else { continue };
-                        match resp.result {
-                            Some(produce_stream_response::Result::Response(r)) => acc.complete(
+                None => open = false,
+            },
+            msg = responses.next(), if !in_flight.is_empty() => match msg {
+                Some(Ok(resp)) => {
+                    let Some(batch) = in_flight.remove(&resp.correlation_id) else { continue };
+                    match resp.result {
+                        Some(produce_stream_response::Result::Response(r)) => {
+                            t.done();
+                            t.acc.complete(
                                 batch,
                                 Ok(Acked {
                                     base_offset: u64::try_from(r.base_offset).ok(),
                                     log_append_time: r.log_append_time,
                                 }),
-                            ),
-                            Some(produce_stream_response::Result::Error(e)) => {
-                                retry_or_fail(&acc, &config, batch, ClientError::from(&e));
-                            }
-                            None => acc.complete(
+                            );
+                        }
+                        Some(produce_stream_response::Result::Error(e)) => {
+                            t.answer(batch, ClientError::from(&e));
+                        }
+                        None => {
+                            t.done();
+                            t.acc.complete(
                                 batch,
                                 Err(ClientError::Batch("empty produce answer".into())),
-                            ),
+                            );
                         }
                     }
-                    Some(Err(status)) => {
-                        tracing::warn!(error = %status, "produce stream failed");
-                        break 'stream;
-                    }
-                    None => break 'stream,
-                },
-            }
+                }
+                Some(Err(status)) => {
+                    tracing::warn!(broker = %t.addr, error = %status, "produce stream failed");
+                    break;
+                }
+                None => break,
+            },
         }
-        // The stream is gone: whatever was in flight may or may not have been written.
-        for (_, b) in in_flight.drain() {
-            let err = ClientError::Rpc {
-                code: tonic::Code::Unavailable,
-                message: "produce stream closed before the answer".into(),
-            };
-            retry_or_fail(&acc, &config, b, err);
-        }
-        reconnects += 1;
-        tokio::time::sleep(backoff(&config, reconnects)).await;
+    }
+    // The stream is gone: whatever was in flight may or may not have been written.
+    let _ = t.events.send(Event::Down {
+        addr: t.addr.clone(),
+    });
+    for (_, b) in in_flight.drain() {
+        let err = ClientError::Rpc {
+            code: tonic::Code::Unavailable,
+            message: "produce stream closed before the answer".into(),
+        };
+        t.done();
+        retry_or_fail(&t.acc, &t.config, b, err);
+    }
+    t.rx.close();
+    while let Some(b) = t.rx.recv().await {
+        // Queued here but never sent.
+        t.done();
+        let err = ClientError::Rpc {
+            code: tonic::Code::Unavailable,
+            message: format!("broker {} unreachable", t.addr),
+        };
+        resend(&t.acc, &t.config, b, err);
     }
 }
