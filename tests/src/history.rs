@@ -97,14 +97,15 @@ impl History {
 }
 
 /// A producer with acks=all that never retries an ambiguous failure (a retry of a batch
-/// whose answer was lost could write it twice); redirects to a new leader still happen.
-pub async fn producer(brokers: &str) -> Producer {
+/// whose answer was lost could write it twice); redirects to a new leader still happen,
+/// for `delivery_timeout`.
+pub async fn producer(brokers: &str, delivery_timeout: Duration) -> Producer {
     Producer::connect(ProducerConfig {
         brokers: brokers.to_string(),
         acks: Acks::All,
         linger: Duration::from_millis(2),
         retries: 0,
-        delivery_timeout: Duration::from_secs(60),
+        delivery_timeout,
         request_timeout: Duration::from_secs(15),
         ..ProducerConfig::default()
     })

@@ -207,7 +207,7 @@ fn acks_all_records_survive_the_leaders_loss() {
     let (leader, _) = create_rf3(&q.addrs[0], "hist");
     let rt = runtime();
     let history = History::default();
-    let p = rt.block_on(producer(&q.bootstrap()));
+    let p = rt.block_on(producer(&q.bootstrap(), Duration::from_secs(60)));
     // About 2,000 records a second for 12 s; the leader dies 3 s in.
     let start = std::time::Instant::now();
     let mut waits = Vec::new();
@@ -267,5 +267,162 @@ fn acks_all_records_survive_the_leaders_loss() {
 async fn futures_join(waits: Vec<tokio::task::JoinHandle<()>>) {
     for w in waits {
         let _ = w.await;
+    }
+}
+
+/// Tests 7 and 4: a leader holds records its stopped (SIGSTOP) followers never got:
+/// consumers at the high watermark see nothing of them; after SIGCONT and a failover,
+/// the old leader returns, cuts that tail, and every replica ends byte-identical with
+/// no record that was not committed.
+#[test]
+fn an_uncommitted_tail_is_never_read_and_is_cut_after_failover() {
+    use sluice_tests::history::read_all;
+    let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
+    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let (leader, _) = create_rf3(&q.addrs[0], "tail");
+    let lead = q.addrs[leader].clone();
+    let followers = [(leader + 1) % 3, (leader + 2) % 3];
+    ok(&sluice(
+        &lead,
+        &["produce", "tail", "--acks", "all"],
+        &numbered(0, 100),
+    ));
+    let before = wait_partition(&[&lead], "tail", 0, 10, |v| v.high_watermark == 100);
+
+    for f in followers {
+        brokers[f].as_ref().expect("running").signal(libc::SIGSTOP);
+    }
+    // The followers' last fetches were already waiting at the leader: once those are
+    // answered (empty, after at most 500 ms) no fetch can carry what comes next.
+    std::thread::sleep(Duration::from_millis(1500));
+    let tail: String = (0..50).map(|i| format!("uncommitted{i}\n")).collect();
+    ok(&sluice(&lead, &["produce", "tail", "--acks", "1"], &tail));
+    let held = describe(&lead, "tail").expect("describe")[0].clone();
+    assert_eq!((held.high_watermark, held.log_end_offset), (100, 150));
+    let rt = runtime();
+    let seen = rt.block_on(read_all(&lead, "tail", 0));
+    assert_eq!(seen.len(), 100, "consumers stop at the high watermark");
+    assert!(seen.iter().all(|(_, v)| !v.starts_with("uncommitted")));
+
+    brokers[leader].take().expect("running").sigkill();
+    for f in followers {
+        brokers[f].as_ref().expect("running").signal(libc::SIGCONT);
+    }
+    let live: Vec<&str> = followers.iter().map(|f| q.addrs[*f].as_str()).collect();
+    let v = wait_partition(&live, "tail", 0, 40, |v| {
+        v.leader > 0 && v.leader != (leader + 1) as i64 && v.epoch > before.epoch
+    });
+    let new_lead = q.addrs[(v.leader - 1) as usize].clone();
+    ok(&sluice(
+        &live.join(","),
+        &["produce", "tail", "--acks", "all"],
+        &numbered(100, 150),
+    ));
+    brokers[leader] = Some(q.start(leader));
+    wait_partition(&[&new_lead], "tail", 0, 30, |v| {
+        v.isr.len() == 3 && v.high_watermark == 150
+    });
+    assert_identical(&q, "tail");
+    let log = rt.block_on(read_all(&new_lead, "tail", 0));
+    let want: Vec<(u64, String)> = (0..150).map(|i| (i, format!("r{i}"))).collect();
+    assert_eq!(log, want, "the committed records, and only they, in order");
+    for b in brokers.into_iter().flatten() {
+        b.sigkill();
+    }
+}
+
+/// Tests 8 and 5: all three brokers SIGKILLed at once under acks=all load, then
+/// restarted: topics, every acknowledged record and the group's committed offset are
+/// back.
+#[test]
+fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
+    use sluice_tests::history::{producer, read_all, send, History};
+    let q = Quorum::new(&[]);
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
+    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let (leader, _) = create_rf3(&q.addrs[0], "all");
+    let lead = q.addrs[leader].clone();
+    ok(&sluice(
+        &lead,
+        &["produce", "all", "--acks", "all"],
+        &numbered(0, 10),
+    ));
+    // A group reads and commits (the consumer commits as it closes).
+    let read = ok(&sluice(
+        &lead,
+        &[
+            "consume",
+            "all",
+            "--group",
+            "g",
+            "--from-beginning",
+            "--max-messages",
+            "10",
+            "--timeout-ms",
+            "20000",
+        ],
+        "",
+    ));
+    assert_eq!(read.lines().count(), 10);
+
+    let rt = runtime();
+    let history = History::default();
+    // Nothing can be delivered once every broker is gone: give up soon.
+    let p = rt.block_on(producer(&q.bootstrap(), Duration::from_secs(5)));
+    let mut waits = Vec::new();
+    for i in 0..5000 {
+        waits.push(rt.block_on(send(&history, &p, "all", format!("load{i}"))));
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if i == 3000 {
+            for b in brokers.iter_mut() {
+                b.take().expect("running").sigkill();
+            }
+            break;
+        }
+    }
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(90), futures_join(waits))
+            .await
+            .expect("every send has an outcome within 90 s");
+    });
+    drop(p);
+    let acked = history.acked();
+    assert!(acked > 0, "some records were acknowledged before the crash");
+
+    brokers = (0..3).map(|i| Some(q.start(i))).collect();
+    let v = wait_partition(&[&q.addrs[0]], "all", 0, 40, |v| v.leader > 0);
+    let lead = q.addrs[(v.leader - 1) as usize].clone();
+    // The high watermark is re-learned from the followers' fetches.
+    wait_partition(&[&lead], "all", 0, 30, |v| {
+        v.high_watermark == v.log_end_offset
+    });
+    let log = rt.block_on(read_all(&lead, "all", 0));
+    assert_eq!(
+        log[..10].iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+        (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>()
+    );
+    let problems = history.check(&log[10..]);
+    assert!(problems.is_empty(), "history check: {problems:?}");
+    eprintln!(
+        "{acked} acknowledged before the crash; {} records back",
+        log.len()
+    );
+
+    let group = ok(&sluice(
+        &q.addrs[leader],
+        &["--output", "json", "group", "describe", "g"],
+        "",
+    ));
+    let g: serde_json::Value = serde_json::from_str(&group).expect("JSON");
+    assert_eq!(
+        g["offsets"][0]["committed_offset"].as_i64(),
+        Some(10),
+        "{g}"
+    );
+    for b in brokers.into_iter().flatten() {
+        b.sigkill();
     }
 }
