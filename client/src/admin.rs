@@ -295,6 +295,15 @@ impl Admin {
         &self,
         queries: &[(String, u32, OffsetSpec)],
     ) -> Result<Vec<(u64, i64)>> {
+        self.list_offsets_each(queries).await?.into_iter().collect()
+    }
+
+    /// Like [`Admin::list_offsets`], with each query's own outcome (a partition this
+    /// broker does not lead fails alone).
+    pub async fn list_offsets_each(
+        &self,
+        queries: &[(String, u32, OffsetSpec)],
+    ) -> Result<Vec<Result<(u64, i64)>>> {
         let queries = queries
             .iter()
             .map(|(topic, partition, spec)| {
@@ -316,13 +325,13 @@ impl Admin {
             .await?
             .into_inner()
             .answers;
-        answers
+        Ok(answers
             .into_iter()
             .map(|a| match &a.error {
                 Some(e) => Err(ClientError::from(e)),
                 None => Ok((a.offset.max(0) as u64, a.timestamp_ms)),
             })
-            .collect()
+            .collect())
     }
 }
 

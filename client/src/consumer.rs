@@ -28,9 +28,10 @@ use sluice_proto::ErrorReason;
 use tonic::transport::Channel;
 
 use crate::admin::{to_i32, Admin, OffsetSpec};
-use crate::connection::{connect, MAX_MESSAGE_BYTES};
+use crate::connection::{connect_first, MAX_MESSAGE_BYTES};
 use crate::error::{ClientError, Result};
 use crate::group::{to_wire, Membership};
+use crate::routes::Routes;
 
 /// Where to start when a partition has no valid position (`auto.offset.reset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +117,10 @@ pub type AssignmentListener = Box<dyn FnMut(&[TopicPartition], &[TopicPartition]
 pub struct Consumer {
     config: ConsumerConfig,
     channel: Channel,
-    fetch: FetchServiceClient<Channel>,
+    /// The broker the consumer connected to: its group traffic goes there.
+    home: String,
+    /// Partition leaders: fetches and offset look-ups go to them.
+    routes: Routes,
     groups: GroupServiceClient<Channel>,
     membership: Option<Membership>,
     listener: Option<AssignmentListener>,
@@ -135,7 +139,22 @@ pub struct Consumer {
 #[derive(Debug)]
 struct Prefetch {
     positions: Vec<(TopicPartition, u64)>,
-    handle: tokio::task::JoinHandle<std::result::Result<FetchResponse, tonic::Status>>,
+    handle: tokio::task::JoinHandle<Answers>,
+}
+
+/// Each broker's answer to its share of one fetch.
+type Answers = Vec<(String, std::result::Result<FetchResponse, tonic::Status>)>;
+
+/// One fetch per broker, sent together.
+async fn fetch_from(requests: Vec<(String, Channel, FetchRequest)>) -> Answers {
+    let calls = requests
+        .into_iter()
+        .map(|(addr, channel, request)| async move {
+            let mut client =
+                FetchServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            (addr, client.fetch(request).await.map(|r| r.into_inner()))
+        });
+    futures_util::future::join_all(calls).await
 }
 
 /// A fetch's answer, decoded.
@@ -146,6 +165,8 @@ struct Fetched {
     progress: Vec<(TopicPartition, u64, u64)>,
     /// Partitions whose position is gone, to be reset by `auto.offset.reset`.
     out_of_range: Vec<TopicPartition>,
+    /// Partitions the broker asked does not lead, with the leader it named.
+    not_led: Vec<(TopicPartition, Option<String>)>,
 }
 
 /// Where each partition of `want` will be after `resp`, read from its batch headers
@@ -193,6 +214,11 @@ fn decode(
             let err = ClientError::from(e);
             if err.reason() == Some(ErrorReason::OffsetOutOfRange) && reset != OffsetReset::None {
                 fetched.out_of_range.push(tp);
+                continue;
+            }
+            if err.reason() == Some(ErrorReason::NotLeader) {
+                let leader = err.metadata_str("leader_address").map(str::to_string);
+                fetched.not_led.push((tp, leader));
                 continue;
             }
             return Err(err);
@@ -263,10 +289,10 @@ impl std::fmt::Debug for Consumer {
 impl Consumer {
     /// Connects to the first reachable broker.
     pub async fn connect(config: ConsumerConfig) -> Result<Consumer> {
-        let channel = connect(&config.brokers).await?;
+        let (home, channel) = connect_first(&config.brokers).await?;
         Ok(Consumer {
-            fetch: FetchServiceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            routes: Routes::new(&config.brokers, home.clone(), channel.clone()),
+            home,
             groups: GroupServiceClient::new(channel.clone()),
             admin: Admin::with_channel(channel.clone()),
             channel,
@@ -574,14 +600,15 @@ impl Consumer {
     }
 
     async fn seek_all(&mut self, spec: OffsetSpec) -> Result<()> {
-        let queries: Vec<_> = self
-            .positions
-            .keys()
-            .map(|(t, p)| (t.clone(), *p, spec))
-            .collect();
-        let answers = self.admin.list_offsets(&queries).await?;
-        for ((topic, partition, _), (offset, _)) in queries.into_iter().zip(answers) {
-            self.positions.insert((topic, partition), Some(offset));
+        let tps: Vec<_> = self.positions.keys().cloned().collect();
+        let left = self.locate(tps, spec).await?;
+        if let Some((t, p)) = left.first() {
+            return Err(ClientError::Broker {
+                reason: ErrorReason::NotLeader,
+                code: tonic::Code::Unavailable,
+                message: format!("no leader answered for {t}-{p}"),
+                metadata: Default::default(),
+            });
         }
         Ok(())
     }
@@ -622,12 +649,59 @@ impl Consumer {
                 )))
             }
         };
-        let queries: Vec<_> = tps.iter().map(|(t, p)| (t.clone(), *p, spec)).collect();
-        let answers = self.admin.list_offsets(&queries).await?;
-        for (tp, (offset, _)) in tps.into_iter().zip(answers) {
-            self.positions.insert(tp, Some(offset));
+        // Those still without a leader are reset again at the next poll.
+        self.locate(tps, spec).await.map(drop)
+    }
+
+    /// Sets the positions of `tps` to the offsets `spec` names, asking each partition's
+    /// leader; a NOT_LEADER answer names the next one to ask (a few hops at most, while
+    /// an election settles). Returns the partitions no leader answered for.
+    async fn locate(
+        &mut self,
+        tps: Vec<TopicPartition>,
+        spec: OffsetSpec,
+    ) -> Result<Vec<TopicPartition>> {
+        let mut left = tps;
+        for _ in 0..5 {
+            let mut by_leader: BTreeMap<String, Vec<TopicPartition>> = BTreeMap::new();
+            for tp in left.drain(..) {
+                by_leader
+                    .entry(self.routes.address(&tp).to_string())
+                    .or_default()
+                    .push(tp);
+            }
+            for (addr, tps) in by_leader {
+                let admin = Admin::with_channel(self.routes.channel(&addr)?);
+                let queries: Vec<_> = tps.iter().map(|(t, p)| (t.clone(), *p, spec)).collect();
+                match admin.list_offsets_each(&queries).await {
+                    Ok(answers) => {
+                        for (tp, answer) in tps.into_iter().zip(answers) {
+                            match answer {
+                                Ok((offset, _)) => {
+                                    self.positions.insert(tp, Some(offset));
+                                }
+                                Err(e) if e.reason() == Some(ErrorReason::NotLeader) => {
+                                    self.routes
+                                        .learn(tp.clone(), e.metadata_str("leader_address"));
+                                    left.push(tp);
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    }
+                    Err(e) if e.is_retriable() && e.reason().is_none() => {
+                        self.routes.down(&addr);
+                        left.extend(tps);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Fetches the next records of the assigned partitions, waiting at most `timeout` for
@@ -681,11 +755,11 @@ impl Consumer {
             return Ok(Vec::new());
         }
         let want = self.wanted();
-        let resp = match self.prefetch.take() {
+        let answers = match self.prefetch.take() {
             Some(mut p) if p.positions == want => {
                 match tokio::time::timeout(timeout, &mut p.handle).await {
                     Ok(joined) => {
-                        joined.map_err(|e| ClientError::Batch(format!("fetch task: {e}")))??
+                        joined.map_err(|e| ClientError::Batch(format!("fetch task: {e}")))?
                     }
                     Err(_) => {
                         // Still long-polling: keep it for the next poll.
@@ -698,24 +772,30 @@ impl Consumer {
                 if let Some(p) = stale {
                     p.handle.abort();
                 }
-                let request = self.request(&want, timeout.min(self.config.fetch_max_wait))?;
-                self.fetch.fetch(request).await?.into_inner()
+                let requests = self.requests(&want, timeout.min(self.config.fetch_max_wait))?;
+                fetch_from(requests).await
             }
         };
+        let resp = self.merge(answers).await?;
         if let Some(next) = positions_after(&resp, &want) {
             // Catching up: send the next fetch before decoding this one, so the broker and
             // the network work while this answer is decoded and processed (Kafka's
             // consumer prefetches the same way).
-            let request = self.request(&next, self.config.fetch_max_wait)?;
-            let mut client = self.fetch.clone();
+            let requests = self.requests(&next, self.config.fetch_max_wait)?;
             self.prefetch = Some(Prefetch {
                 positions: next,
-                handle: tokio::spawn(
-                    async move { client.fetch(request).await.map(|r| r.into_inner()) },
-                ),
+                handle: tokio::spawn(fetch_from(requests)),
             });
         }
         let fetched = decode(resp, &want, self.config.auto_offset_reset)?;
+        let redirected = !fetched.not_led.is_empty();
+        for (tp, leader) in &fetched.not_led {
+            self.routes.learn(tp.clone(), leader.as_deref());
+        }
+        if redirected && fetched.records.is_empty() {
+            // Asked the wrong broker (an election may be running): do not spin.
+            tokio::time::sleep(Duration::from_millis(50).min(timeout)).await;
+        }
         for (tp, position, high_watermark) in fetched.progress {
             self.high_watermarks.insert(tp.clone(), high_watermark);
             if let Some(p) = self.positions.get_mut(&tp) {
@@ -736,24 +816,74 @@ impl Consumer {
             .collect()
     }
 
-    fn request(&self, want: &[(TopicPartition, u64)], wait: Duration) -> Result<FetchRequest> {
-        let partitions = want
-            .iter()
-            .map(|((topic, partition), offset)| {
-                Ok(FetchPartition {
-                    topic: topic.clone(),
-                    partition: to_i32(*partition)?,
-                    fetch_offset: *offset as i64,
-                    partition_max_bytes: self.config.max_partition_fetch_bytes,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(FetchRequest {
-            partitions,
-            max_wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
-            min_bytes: self.config.fetch_min_bytes,
-            max_bytes: self.config.fetch_max_bytes,
-            member: self.membership.as_ref().map(Membership::member_ref),
-        })
+    /// One fetch request per broker leading some of `want`.
+    fn requests(
+        &mut self,
+        want: &[(TopicPartition, u64)],
+        wait: Duration,
+    ) -> Result<Vec<(String, Channel, FetchRequest)>> {
+        let mut by_leader: BTreeMap<String, Vec<FetchPartition>> = BTreeMap::new();
+        for ((topic, partition), offset) in want {
+            let addr = self
+                .routes
+                .address(&(topic.clone(), *partition))
+                .to_string();
+            by_leader.entry(addr).or_default().push(FetchPartition {
+                topic: topic.clone(),
+                partition: to_i32(*partition)?,
+                fetch_offset: *offset as i64,
+                partition_max_bytes: self.config.max_partition_fetch_bytes,
+            });
+        }
+        let mut out = Vec::with_capacity(by_leader.len());
+        for (addr, partitions) in by_leader {
+            let channel = self.routes.channel(&addr)?;
+            // The group's coordinator checks membership on the fetches it serves; other
+            // brokers do not know the group.
+            let member = if addr == self.home {
+                self.membership.as_ref().map(Membership::member_ref)
+            } else {
+                None
+            };
+            out.push((
+                addr,
+                channel,
+                FetchRequest {
+                    partitions,
+                    max_wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+                    min_bytes: self.config.fetch_min_bytes,
+                    max_bytes: self.config.fetch_max_bytes,
+                    member,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// One response from every broker's answer. A broker that cannot be reached loses
+    /// its routes (its partitions are asked elsewhere next time); any other failure is
+    /// the caller's.
+    async fn merge(&mut self, answers: Answers) -> Result<FetchResponse> {
+        let mut merged = FetchResponse::default();
+        let mut unreachable = false;
+        for (addr, answer) in answers {
+            match answer {
+                Ok(r) => merged.partitions.extend(r.partitions),
+                Err(status) => {
+                    let err = ClientError::from(status);
+                    if err.reason().is_none() && err.is_retriable() {
+                        tracing::debug!(broker = %addr, error = %err, "fetch failed; routing around it");
+                        self.routes.down(&addr);
+                        unreachable = true;
+                    } else {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        if unreachable && merged.partitions.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(merged)
     }
 }

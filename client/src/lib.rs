@@ -17,6 +17,7 @@ pub mod consumer;
 pub mod error;
 mod group;
 pub mod producer;
+mod routes;
 
 pub use admin::{Admin, NewTopic, OffsetSpec};
 pub use consumer::{

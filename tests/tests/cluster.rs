@@ -195,6 +195,34 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
         leader_view[0].log_end_offset, 1,
         "the record is on the leader"
     );
+    // Keyed records spread over three partitions led by three brokers, written and read
+    // through one broker: producer and consumer find each partition's leader.
+    let keyed: String = (0..30).map(|i| format!("k{i}:v{i}\n")).collect();
+    let via = &addrs[follower as usize % 3];
+    ok(&sluice(
+        via,
+        &["produce", "orders", "--key-separator", ":"],
+        &keyed,
+    ));
+    let read = ok(&sluice(
+        via,
+        &[
+            "consume",
+            "orders",
+            "--from-beginning",
+            "--max-messages",
+            "31",
+            "--timeout-ms",
+            "20000",
+        ],
+        "",
+    ));
+    let mut values: Vec<&str> = read.lines().collect();
+    values.sort_unstable();
+    let mut want: Vec<String> = (0..30).map(|i| format!("v{i}")).collect();
+    want.push("hello".into());
+    want.sort_unstable();
+    assert_eq!(values, want);
 
     // The controller dies: a new one is elected and topic creation works again.
     let idx = (controller - 1) as usize;
