@@ -310,17 +310,34 @@ impl Accumulator {
         let now = Instant::now();
         let mut st = self.lock();
         let linger = self.config.linger;
-        let expired: Vec<_> = st
+        let mut expired: Vec<_> = st
             .open
             .iter()
             .filter(|(_, b)| st.flushing > 0 || b.created + linger <= now)
-            .map(|(k, _)| k.clone())
+            .map(|(k, b)| (b.created, k.clone()))
             .collect();
-        for key in expired {
+        // A batch past its linger stays open, and keeps filling, until there is room to
+        // send it: while the pipe is full, records gather into fewer, larger batches
+        // instead of queueing one small batch each (as Kafka's accumulator does).
+        let free = if st.flushing > 0 {
+            usize::MAX
+        } else {
+            room.saturating_sub(st.ready.len())
+        };
+        expired.sort_unstable();
+        let keep_open = expired.len().saturating_sub(free);
+        for (_, key) in expired.into_iter().take(free) {
             self.close_batch(&mut st, &key);
         }
         let mut out = Vec::new();
-        let mut next: Option<Instant> = st.open.values().map(|b| b.created + linger).min();
+        // Batches kept open for want of room are sent when a send completes, which
+        // wakes the sender; only the others have a linger deadline to wait for.
+        let mut next: Option<Instant> = st
+            .open
+            .values()
+            .map(|b| b.created + linger)
+            .filter(|t| keep_open == 0 || *t > now)
+            .min();
         let mut waiting = VecDeque::new();
         while let Some(b) = st.ready.pop_front() {
             match b.not_before {
