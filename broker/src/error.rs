@@ -95,6 +95,16 @@ pub enum BrokerError {
         /// The leader's address, if known.
         address: Option<String>,
     },
+    /// This broker does not coordinate the group (now).
+    #[error("this broker does not coordinate group {group:?}{}", .address.as_ref().map(|a| format!("; {a} does")).unwrap_or_default())]
+    NotCoordinator {
+        /// The group.
+        group: String,
+        /// The coordinator's id, if there is one.
+        coordinator: Option<u64>,
+        /// Its address, if known.
+        address: Option<String>,
+    },
     /// A metadata write reached a controller that is not the Raft leader.
     #[error("this broker is not the active controller{}", .0.map(|l| format!("; node {l} is")).unwrap_or_default())]
     NotController(Option<u64>),

@@ -122,17 +122,18 @@ impl Broker {
             replicated: !config.controller_quorum.is_empty(),
         };
         let topics = Topics::start(manager, defaults)?;
-        let groups = GroupCoordinator::start(
-            topics.clone(),
-            CoordinatorConfig {
-                session_timeout: config.group_session_timeout,
-                heartbeat_interval: config.group_heartbeat_interval,
-                rebalance_timeout: config.group_rebalance_timeout,
-                offsets_retention: config.offsets_retention,
-                compact_after_records: config.offsets_compact_after_records,
-            },
-        )
-        .await?;
+        let coordinator_config = CoordinatorConfig {
+            session_timeout: config.group_session_timeout,
+            heartbeat_interval: config.group_heartbeat_interval,
+            rebalance_timeout: config.group_rebalance_timeout,
+            offsets_retention: config.offsets_retention,
+            compact_after_records: config.offsets_compact_after_records,
+        };
+        let groups = if config.controller_quorum.is_empty() {
+            GroupCoordinator::start(topics.clone(), coordinator_config).await?
+        } else {
+            GroupCoordinator::start_in_cluster(topics.clone(), coordinator_config)
+        };
         let controller = if config.controller_quorum.is_empty() {
             None
         } else {
@@ -155,6 +156,7 @@ impl Broker {
                 replication,
             ));
             tokio::spawn(controller::election::run(c.clone()));
+            tokio::spawn(group::follow_offsets_leadership(c.clone(), groups.clone()));
         }
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Context {

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use crate::connection::{connect, MAX_MESSAGE_BYTES};
 use crate::error::{ClientError, Result};
+use crate::group::at_coordinator;
 
 /// Which offset to look up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,50 +86,47 @@ impl Admin {
 
     /// Every consumer group.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
-        Ok(self
-            .groups
-            .clone()
-            .list_groups(ListGroupsRequest {})
-            .await?
-            .into_inner()
-            .groups)
+        let answer = at_coordinator(&mut self.groups.clone(), |mut c| async move {
+            c.list_groups(ListGroupsRequest {}).await
+        })
+        .await?;
+        Ok(answer.groups)
     }
 
     /// A group's state, members, assignment, and per partition its committed offset,
     /// log end offset and lag.
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
-        Ok(self
-            .groups
-            .clone()
-            .describe_group(DescribeGroupRequest {
+        at_coordinator(&mut self.groups.clone(), |mut c| async move {
+            c.describe_group(DescribeGroupRequest {
                 group_id: group.to_string(),
             })
-            .await?
-            .into_inner())
+            .await
+        })
+        .await
     }
 
     /// Deletes a group with no members, and its committed offsets.
     pub async fn delete_group(&self, group: &str) -> Result<()> {
-        self.groups
-            .clone()
-            .delete_group(DeleteGroupRequest {
+        at_coordinator(&mut self.groups.clone(), |mut c| async move {
+            c.delete_group(DeleteGroupRequest {
                 group_id: group.to_string(),
             })
-            .await?;
+            .await
+        })
+        .await?;
         Ok(())
     }
 
     /// A group's committed offsets, as ((topic, partition), offset).
     pub async fn group_offsets(&self, group: &str) -> Result<Vec<((String, u32), u64)>> {
-        let resp = self
-            .groups
-            .clone()
-            .fetch_offsets(FetchOffsetsRequest {
+        let resp = at_coordinator(&mut self.groups.clone(), |mut c| async move {
+            c.fetch_offsets(FetchOffsetsRequest {
                 group_id: group.to_string(),
                 partitions: Vec::new(),
             })
-            .await?
-            .into_inner();
+            .await
+        })
+        .await?;
         Ok(resp
             .offsets
             .into_iter()
@@ -160,15 +158,17 @@ impl Admin {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.groups
-            .clone()
-            .commit_offsets(CommitOffsetsRequest {
-                group_id: group.to_string(),
-                member_id: String::new(),
-                member_epoch: 0,
-                offsets,
-            })
-            .await?;
+        let request = CommitOffsetsRequest {
+            group_id: group.to_string(),
+            member_id: String::new(),
+            member_epoch: 0,
+            offsets,
+        };
+        at_coordinator(&mut self.groups.clone(), |mut c| {
+            let r = request.clone();
+            async move { c.commit_offsets(r).await }
+        })
+        .await?;
         Ok(())
     }
 

@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 use crate::admin::{to_i32, Admin, OffsetSpec};
 use crate::connection::{connect_first, MAX_MESSAGE_BYTES};
 use crate::error::{ClientError, Result};
-use crate::group::{to_wire, Membership};
+use crate::group::{at_coordinator, to_wire, Membership};
 use crate::routes::Routes;
 
 /// Where to start when a partition has no valid position (`auto.offset.reset`).
@@ -117,8 +117,9 @@ pub type AssignmentListener = Box<dyn FnMut(&[TopicPartition], &[TopicPartition]
 pub struct Consumer {
     config: ConsumerConfig,
     channel: Channel,
-    /// The broker the consumer connected to: its group traffic goes there.
-    home: String,
+    /// Where group traffic goes: the broker the consumer connected to, until a
+    /// NOT_COORDINATOR answer names the group's coordinator.
+    groups_addr: String,
     /// Partition leaders: fetches and offset look-ups go to them.
     routes: Routes,
     groups: GroupServiceClient<Channel>,
@@ -292,7 +293,7 @@ impl Consumer {
         let (home, channel) = connect_first(&config.brokers).await?;
         Ok(Consumer {
             routes: Routes::new(&config.brokers, home.clone(), channel.clone()),
-            home,
+            groups_addr: home,
             groups: GroupServiceClient::new(channel.clone()),
             admin: Admin::with_channel(channel.clone()),
             channel,
@@ -403,11 +404,15 @@ impl Consumer {
         self.last_commit = std::time::Instant::now();
         tokio::spawn(async move {
             match request {
-                Some(r) => client
-                    .commit_offsets(r?)
+                Some(r) => {
+                    let r = r?;
+                    at_coordinator(&mut client, |mut c| {
+                        let r = r.clone();
+                        async move { c.commit_offsets(r).await }
+                    })
                     .await
-                    .map(|_| ())
-                    .map_err(Into::into),
+                    .map(drop)
+                }
                 None => Ok(()),
             }
         })
@@ -418,7 +423,12 @@ impl Consumer {
         self.last_commit = std::time::Instant::now();
         match self.commit_request(offsets) {
             Some(r) => {
-                self.groups.commit_offsets(r?).await?;
+                let r = r?;
+                at_coordinator(&mut self.groups, |mut c| {
+                    let r = r.clone();
+                    async move { c.commit_offsets(r).await }
+                })
+                .await?;
                 Ok(())
             }
             None => Ok(()),
@@ -429,14 +439,15 @@ impl Consumer {
     pub async fn committed(&mut self, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
         let group = self.group_id()?;
         let set: std::collections::BTreeSet<TopicPartition> = partitions.iter().cloned().collect();
-        let resp = self
-            .groups
-            .fetch_offsets(FetchOffsetsRequest {
-                group_id: group,
-                partitions: to_wire(&set),
-            })
-            .await?
-            .into_inner();
+        let request = FetchOffsetsRequest {
+            group_id: group,
+            partitions: to_wire(&set),
+        };
+        let resp = at_coordinator(&mut self.groups, |mut c| {
+            let r = request.clone();
+            async move { c.fetch_offsets(r).await }
+        })
+        .await?;
         let found: BTreeMap<TopicPartition, u64> = resp
             .offsets
             .into_iter()
@@ -524,6 +535,14 @@ impl Consumer {
         let Some(m) = &self.membership else {
             return Ok(());
         };
+        if let Some(addr) = m.coordinator() {
+            if addr != self.groups_addr {
+                // The heartbeat task found the group's coordinator elsewhere: commits and
+                // membership-checked fetches go there too.
+                self.groups = GroupServiceClient::new(self.routes.channel(&addr)?);
+                self.groups_addr = addr;
+            }
+        }
         if let Some(e) = m.take_error() {
             // Retriable trouble (a broker restarting) and fencing are handled by the
             // heartbeat task; anything else is the caller's to see.
@@ -840,7 +859,7 @@ impl Consumer {
             let channel = self.routes.channel(&addr)?;
             // The group's coordinator checks membership on the fetches it serves; other
             // brokers do not know the group.
-            let member = if addr == self.home {
+            let member = if addr == self.groups_addr {
                 self.membership.as_ref().map(Membership::member_ref)
             } else {
                 None

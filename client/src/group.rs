@@ -12,6 +12,7 @@ use sluice_proto::ErrorReason;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
+use crate::connection::endpoint;
 use crate::consumer::TopicPartition;
 use crate::error::{ClientError, Result};
 
@@ -29,6 +30,8 @@ struct MemberState {
     owned: BTreeSet<TopicPartition>,
     /// The last heartbeat error, for `poll` to surface when it cannot go on.
     error: Option<ClientError>,
+    /// The coordinator's address, once a NOT_COORDINATOR answer named it.
+    coordinator: Option<String>,
 }
 
 #[derive(Debug)]
@@ -54,6 +57,44 @@ pub(crate) struct Membership {
     client: GroupServiceClient<Channel>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs a group call on `client`; when the broker answers that it does not coordinate
+/// the group and names the one that does, `client` moves there and the call is made
+/// again.
+pub(crate) async fn at_coordinator<T, F, Fut>(
+    client: &mut GroupServiceClient<Channel>,
+    call: F,
+) -> Result<T>
+where
+    F: Fn(GroupServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let err = match call(client.clone()).await {
+        Ok(r) => return Ok(r.into_inner()),
+        Err(status) => ClientError::from(status),
+    };
+    let Some(addr) = moved_to(&err) else {
+        return Err(err);
+    };
+    *client = GroupServiceClient::new(coordinator_channel(&addr)?);
+    Ok(call(client.clone()).await?.into_inner())
+}
+
+/// The coordinator a NOT_COORDINATOR answer names.
+fn moved_to(err: &ClientError) -> Option<String> {
+    (err.reason() == Some(ErrorReason::NotCoordinator))
+        .then(|| err.metadata_str("coordinator_address").map(str::to_string))
+        .flatten()
+}
+
+fn coordinator_channel(addr: &str) -> Result<Channel> {
+    endpoint(addr)
+        .map(|e| e.connect_lazy())
+        .map_err(|message| ClientError::Connect {
+            brokers: addr.to_string(),
+            message,
+        })
 }
 
 pub(crate) fn to_wire(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
@@ -157,6 +198,12 @@ impl Membership {
         }
     }
 
+    /// The coordinator's address, if the member moved to one other than the broker it
+    /// joined through.
+    pub fn coordinator(&self) -> Option<String> {
+        self.shared.lock().coordinator.clone()
+    }
+
     /// The group id.
     pub fn group(&self) -> &str {
         &self.group
@@ -184,8 +231,11 @@ impl Membership {
         if member_id.is_empty() {
             return Ok(());
         }
-        self.client
-            .clone()
+        let mut client = match self.coordinator() {
+            Some(addr) => GroupServiceClient::new(coordinator_channel(&addr)?),
+            None => self.client.clone(),
+        };
+        client
             .heartbeat(HeartbeatRequest {
                 group_id: self.group.clone(),
                 member_id,
@@ -214,6 +264,9 @@ async fn heartbeat_loop(
     shared: Arc<Shared>,
 ) {
     let mut interval = Duration::from_secs(3);
+    // The broker the consumer joined through: it names the coordinator if the one
+    // moved to stops answering.
+    let home = client.clone();
     loop {
         let req = {
             let st = shared.lock();
@@ -244,7 +297,23 @@ async fn heartbeat_loop(
             }
             Err(status) => {
                 let err = ClientError::from(status);
-                if err.reason() == Some(ErrorReason::Fenced) {
+                if let Some(addr) = moved_to(&err) {
+                    // The coordinator moved (its broker lost the offsets topic's
+                    // leadership): join again there.
+                    tracing::info!(group = %group, coordinator = %addr, "group coordinator moved");
+                    match coordinator_channel(&addr) {
+                        Ok(ch) => client = GroupServiceClient::new(ch),
+                        Err(e) => tracing::warn!(error = %e, "bad coordinator address"),
+                    }
+                    let mut st = shared.lock();
+                    st.coordinator = Some(addr);
+                    st.member_id.clear();
+                    st.epoch = 0;
+                    wait = Duration::ZERO;
+                } else if err.reason() == Some(ErrorReason::NotCoordinator) {
+                    // No coordinator right now (an election is running).
+                    wait = Duration::from_millis(200);
+                } else if err.reason() == Some(ErrorReason::Fenced) {
                     tracing::warn!(group = %group, error = %err, "fenced; joining the group again");
                     let mut st = shared.lock();
                     st.member_id.clear();
@@ -254,6 +323,9 @@ async fn heartbeat_loop(
                     wait = Duration::ZERO;
                 } else {
                     tracing::warn!(group = %group, error = %err, "heartbeat failed");
+                    if err.reason().is_none() && shared.lock().coordinator.take().is_some() {
+                        client = home.clone();
+                    }
                     // Retry sooner than a full interval, but without hammering.
                     wait = (interval / 3).max(Duration::from_millis(100));
                 }

@@ -36,7 +36,7 @@ pub fn code_of(reason: ErrorReason) -> Code {
         | R::CorruptMessage
         | R::InvalidRequest => Code::InvalidArgument,
         R::OffsetOutOfRange => Code::OutOfRange,
-        R::NotLeader => Code::FailedPrecondition,
+        R::NotLeader | R::NotCoordinator => Code::FailedPrecondition,
         R::LeaderNotAvailable | R::NotEnoughReplicas | R::StorageError | R::ShuttingDown => {
             Code::Unavailable
         }
@@ -52,6 +52,7 @@ pub fn is_retriable(reason: ErrorReason) -> bool {
     matches!(
         reason,
         ErrorReason::NotLeader
+            | ErrorReason::NotCoordinator
             | ErrorReason::LeaderNotAvailable
             | ErrorReason::NotEnoughReplicas
             | ErrorReason::RequestTimedOut

@@ -348,9 +348,10 @@ fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
         &["produce", "all", "--acks", "all"],
         &numbered(0, 10),
     ));
-    // A group reads and commits (the consumer commits as it closes).
+    // A group reads and commits (the consumer commits as it closes), through a broker
+    // that need not be the group's coordinator.
     let read = ok(&sluice(
-        &lead,
+        &q.addrs[(leader + 1) % 3],
         &[
             "consume",
             "all",
@@ -411,17 +412,39 @@ fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
         log.len()
     );
 
-    let group = ok(&sluice(
-        &q.addrs[leader],
-        &["--output", "json", "group", "describe", "g"],
-        "",
-    ));
-    let g: serde_json::Value = serde_json::from_str(&group).expect("JSON");
-    assert_eq!(
-        g["offsets"][0]["committed_offset"].as_i64(),
-        Some(10),
-        "{g}"
-    );
+    let committed = |via: &str| {
+        let out = sluice(via, &["--output", "json", "group", "describe", "g"], "");
+        if !out.status.success() {
+            return None;
+        }
+        let g: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        g["offsets"][0]["committed_offset"].as_i64()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while committed(&q.addrs[leader]) != Some(10) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group's committed offset never came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The coordinator is the offsets topic's leader; SIGKILL it and the group's offsets
+    // are still there, served by the replica that takes over.
+    let offsets = wait_partition(&[&q.addrs[0]], "__consumer_offsets", 0, 20, |v| {
+        v.leader > 0 && v.isr.len() == 3
+    });
+    let coordinator = (offsets.leader - 1) as usize;
+    brokers[coordinator].take().expect("running").sigkill();
+    let survivor = q.addrs[(coordinator + 1) % 3].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while committed(&survivor) != Some(10) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group's offsets did not move with the coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     for b in brokers.into_iter().flatten() {
         b.sigkill();
     }

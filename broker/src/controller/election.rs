@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::metadata::{Command, Metadata, PartitionRecord};
 use super::Controller;
+use crate::group::offsets::OFFSETS_TOPIC;
 use crate::topic::config::TopicConfig;
 
 /// How often the controller looks.
@@ -64,6 +65,22 @@ fn changes(c: &Controller, md: &Metadata) -> Vec<Command> {
     out
 }
 
+/// The replicated offsets topic, created once every quorum member has registered (up
+/// to three, its replication factor).
+fn offsets_topic(c: &Controller, md: &Metadata) -> Option<Command> {
+    let rf = c.quorum_size().min(3);
+    if md.topics.contains_key(OFFSETS_TOPIC) || md.brokers.len() < rf {
+        return None;
+    }
+    Some(Command::CreateTopic {
+        name: OFFSETS_TOPIC.to_string(),
+        partitions: 1,
+        replication_factor: rf as u32,
+        // Kept forever: expiry writes tombstones and compaction rewrites it.
+        configs: [("retention.ms".to_string(), "-1".to_string())].into(),
+    })
+}
+
 /// Runs on every broker of the quorum; acts while this one is the active controller.
 pub async fn run(c: Controller) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
@@ -82,7 +99,13 @@ pub async fn run(c: Controller) {
         if since.elapsed() < c.session_timeout() {
             continue;
         }
-        for cmd in changes(&c, &c.metadata()) {
+        let md = c.metadata();
+        if let Some(cmd) = offsets_topic(&c, &md) {
+            if let Err(e) = c.propose(&cmd).await {
+                tracing::debug!(error = %e, "offsets topic not created yet");
+            }
+        }
+        for cmd in changes(&c, &md) {
             if let Command::AlterPartition {
                 topic,
                 partition,

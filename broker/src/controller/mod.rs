@@ -139,6 +139,11 @@ impl Controller {
         &self.node
     }
 
+    /// How many brokers form the quorum.
+    pub fn quorum_size(&self) -> usize {
+        self.quorum.len()
+    }
+
     /// Whether `id` is a quorum member.
     pub fn is_voter(&self, id: u64) -> bool {
         self.quorum.iter().any(|(v, _)| *v == id)

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::assignor::{assign, Assignment, Strategy, Tp};
 use super::offsets::{now_ms, Committed, OffsetMap, OffsetStore};
@@ -110,6 +110,7 @@ pub struct GroupListing {
 }
 
 enum Command {
+    Activate(bool, oneshot::Sender<Result<()>>),
     Heartbeat(Heartbeat, oneshot::Sender<Result<HeartbeatAnswer>>),
     Commit {
         group: String,
@@ -155,6 +156,7 @@ pub struct CoordinatorConfig {
 #[derive(Debug, Clone)]
 pub struct GroupCoordinator {
     tx: mpsc::Sender<Command>,
+    active: watch::Receiver<bool>,
 }
 
 struct Member {
@@ -206,6 +208,8 @@ struct Coordinator {
     store: OffsetStore,
     groups: BTreeMap<String, Group>,
     offsets: OffsetMap,
+    /// Whether this broker coordinates groups now (always, on a single broker).
+    active: watch::Sender<bool>,
 }
 
 impl GroupCoordinator {
@@ -213,16 +217,49 @@ impl GroupCoordinator {
     pub async fn start(topics: Topics, config: CoordinatorConfig) -> Result<GroupCoordinator> {
         let store = OffsetStore::open(topics.clone()).await?;
         let offsets = store.load().await?;
+        Ok(Self::spawn(topics, config, store, offsets, true))
+    }
+
+    /// A coordinator in a cluster: idle until [`GroupCoordinator::set_active`] says
+    /// this broker leads the replicated offsets topic.
+    pub fn start_in_cluster(topics: Topics, config: CoordinatorConfig) -> GroupCoordinator {
+        let store = OffsetStore::attach(topics.clone());
+        Self::spawn(topics, config, store, OffsetMap::new(), false)
+    }
+
+    fn spawn(
+        topics: Topics,
+        config: CoordinatorConfig,
+        store: OffsetStore,
+        offsets: OffsetMap,
+        active: bool,
+    ) -> GroupCoordinator {
         let (tx, rx) = mpsc::channel(1024);
+        let (active_tx, active_rx) = watch::channel(active);
         let c = Coordinator {
             config,
             topics,
             store,
             groups: BTreeMap::new(),
             offsets,
+            active: active_tx,
         };
         tokio::spawn(c.run(rx));
-        Ok(GroupCoordinator { tx })
+        GroupCoordinator {
+            tx,
+            active: active_rx,
+        }
+    }
+
+    /// Whether this broker coordinates groups now.
+    pub fn is_active(&self) -> bool {
+        *self.active.borrow()
+    }
+
+    /// Takes over (replaying the offsets this replica holds) or hands over (forgetting
+    /// groups and offsets) as leadership of the offsets topic moves.
+    pub async fn set_active(&self, active: bool) -> Result<()> {
+        self.call(|r| Command::Activate(active, r)).await?
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -328,6 +365,19 @@ impl Coordinator {
 
     async fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Activate(active, reply) => {
+                // Members rejoin and find their offsets again either way.
+                self.groups.clear();
+                self.offsets.clear();
+                let result = if active {
+                    self.store.load().await.map(|o| self.offsets = o)
+                } else {
+                    Ok(())
+                };
+                self.active.send_replace(active && result.is_ok());
+                tracing::info!(active, ok = result.is_ok(), "group coordinator");
+                let _ = reply.send(result);
+            }
             Command::Heartbeat(hb, reply) => {
                 let _ = reply.send(self.heartbeat(hb));
             }
@@ -689,6 +739,9 @@ impl Coordinator {
 
     /// Removes members whose session ran out, and expires offsets of long-empty groups.
     async fn sweep(&mut self) {
+        if !*self.active.borrow() {
+            return;
+        }
         let now = Instant::now();
         let topics = self.topics.clone();
         let md = topics.metadata();

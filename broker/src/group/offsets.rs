@@ -100,6 +100,11 @@ pub struct OffsetStore {
 }
 
 impl OffsetStore {
+    /// The offsets topic of a cluster, which the controller creates and replicates.
+    pub fn attach(topics: Topics) -> OffsetStore {
+        OffsetStore { topics }
+    }
+
     /// Opens the offsets topic, creating it (kept forever: expiry writes tombstones).
     pub async fn open(topics: Topics) -> Result<OffsetStore> {
         if topics.metadata().topic(OFFSETS_TOPIC).is_err() {
@@ -126,13 +131,14 @@ impl OffsetStore {
         Ok(t.partition(0)?.clone())
     }
 
-    /// Reads the whole topic into a map of the latest offset per key.
+    /// Reads the whole topic into a map of the latest offset per key: all this
+    /// replica holds, which is everything committed when it has just become leader.
     pub async fn load(&self) -> Result<OffsetMap> {
         let p = self.partition()?;
         let mut map = OffsetMap::new();
         let mut next = p.state().log_start_offset;
         loop {
-            let data = p.read(next, 1 << 20).await?;
+            let data = p.read_local(next, 1 << 20).await?;
             if data.is_empty() {
                 break;
             }

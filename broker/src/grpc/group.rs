@@ -69,12 +69,15 @@ pub fn tps_to_wire(set: &BTreeSet<Tp>) -> Vec<TopicPartitions> {
 impl GroupService for GroupSvc {
     async fn find_coordinator(
         &self,
-        _request: Request<FindCoordinatorRequest>,
+        request: Request<FindCoordinatorRequest>,
     ) -> Result<Response<FindCoordinatorResponse>, Status> {
-        // One node coordinates every group.
+        let (node_id, address) = self
+            .ctx
+            .coordinator(&request.into_inner().group_id)
+            .map_err(|e| to_status(&e))?;
         Ok(Response::new(FindCoordinatorResponse {
-            node_id: self.ctx.config.node_id as i32,
-            address: self.ctx.config.advertised_addr.clone(),
+            node_id: node_id as i32,
+            address,
         }))
     }
 
@@ -83,6 +86,9 @@ impl GroupService for GroupSvc {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let req = request.into_inner();
+        self.ctx
+            .check_coordinator(&req.group_id)
+            .map_err(|e| to_status(&e))?;
         let owned = tps_from_wire(&req.owned).map_err(|e| to_status(&e))?;
         let answer = self
             .ctx
@@ -114,6 +120,9 @@ impl GroupService for GroupSvc {
         request: Request<CommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
         let req = request.into_inner();
+        self.ctx
+            .check_coordinator(&req.group_id)
+            .map_err(|e| to_status(&e))?;
         let now = now_ms();
         let mut offsets = Vec::with_capacity(req.offsets.len());
         for o in req.offsets {
@@ -155,6 +164,9 @@ impl GroupService for GroupSvc {
         request: Request<FetchOffsetsRequest>,
     ) -> Result<Response<FetchOffsetsResponse>, Status> {
         let req = request.into_inner();
+        self.ctx
+            .check_coordinator(&req.group_id)
+            .map_err(|e| to_status(&e))?;
         let partitions = if req.partitions.is_empty() {
             None
         } else {
@@ -188,6 +200,7 @@ impl GroupService for GroupSvc {
         &self,
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
+        self.ctx.check_coordinator("").map_err(|e| to_status(&e))?;
         let groups = self
             .ctx
             .groups
@@ -208,10 +221,14 @@ impl GroupService for GroupSvc {
         &self,
         request: Request<DescribeGroupRequest>,
     ) -> Result<Response<DescribeGroupResponse>, Status> {
+        let group = request.into_inner().group_id;
+        self.ctx
+            .check_coordinator(&group)
+            .map_err(|e| to_status(&e))?;
         let d = self
             .ctx
             .groups
-            .describe(request.into_inner().group_id)
+            .describe(group)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(DescribeGroupResponse {
@@ -253,9 +270,13 @@ impl GroupService for GroupSvc {
         &self,
         request: Request<DeleteGroupRequest>,
     ) -> Result<Response<DeleteGroupResponse>, Status> {
+        let group = request.into_inner().group_id;
+        self.ctx
+            .check_coordinator(&group)
+            .map_err(|e| to_status(&e))?;
         self.ctx
             .groups
-            .delete(request.into_inner().group_id)
+            .delete(group)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(DeleteGroupResponse {}))

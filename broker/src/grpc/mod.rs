@@ -15,6 +15,7 @@ use tonic::Status;
 
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
+use crate::group::offsets::OFFSETS_TOPIC;
 use crate::topic::manager::{NewTopic, TopicState, Topics};
 
 /// What every service needs.
@@ -71,6 +72,48 @@ impl Context {
         })
     }
 
+    /// The broker coordinating `group` (id and address): this one on a single broker;
+    /// in a cluster, the leader of the replicated offsets topic.
+    pub fn coordinator(&self, group: &str) -> Result<(u64, String), BrokerError> {
+        let Some(c) = &self.controller else {
+            return Ok((
+                u64::from(self.config.node_id),
+                self.config.advertised_addr.clone(),
+            ));
+        };
+        let md = c.metadata();
+        let leader = md
+            .topics
+            .get(OFFSETS_TOPIC)
+            .and_then(|t| t.partitions.first())
+            .map_or(0, |p| p.leader);
+        match md.brokers.get(&leader) {
+            Some(b) if leader != 0 => Ok((leader, b.address.clone())),
+            _ => Err(BrokerError::NotCoordinator {
+                group: group.to_string(),
+                coordinator: None,
+                address: None,
+            }),
+        }
+    }
+
+    /// Fails with `NotCoordinator` (naming the coordinator) unless this broker
+    /// coordinates groups now.
+    pub fn check_coordinator(&self, group: &str) -> Result<(), BrokerError> {
+        if self.groups.is_active() {
+            return Ok(());
+        }
+        let (coordinator, address) = match self.coordinator(group) {
+            Ok((id, addr)) => (Some(id), Some(addr)),
+            Err(_) => (None, None),
+        };
+        Err(BrokerError::NotCoordinator {
+            group: group.to_string(),
+            coordinator,
+            address,
+        })
+    }
+
     /// The topic for a produce: created with defaults when unknown and the broker allows
     /// auto-creation.
     pub async fn topic_for_produce(&self, name: &str) -> Result<Arc<TopicState>, BrokerError> {
@@ -119,6 +162,20 @@ fn reason(e: &BrokerError) -> (ErrorReason, Vec<(String, String)>) {
                 md.push(("leader_address".to_string(), a.clone()));
             }
             (ErrorReason::NotLeader, md)
+        }
+        E::NotCoordinator {
+            coordinator,
+            address,
+            ..
+        } => {
+            let mut md = Vec::new();
+            if let Some(c) = coordinator {
+                md.push(("coordinator_id".to_string(), c.to_string()));
+            }
+            if let Some(a) = address {
+                md.push(("coordinator_address".to_string(), a.clone()));
+            }
+            (ErrorReason::NotCoordinator, md)
         }
         E::NotController(leader) => (
             ErrorReason::NotLeader,

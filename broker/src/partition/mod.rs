@@ -111,6 +111,8 @@ enum Command {
     Read {
         offset: u64,
         max_bytes: usize,
+        /// Read up to the log end, not the high watermark.
+        to_log_end: bool,
         reply: oneshot::Sender<Result<Bytes>>,
     },
     ListOffset {
@@ -249,6 +251,19 @@ impl PartitionHandle {
         self.call(|reply| Command::Read {
             offset,
             max_bytes,
+            to_log_end: false,
+            reply,
+        })
+        .await
+    }
+
+    /// Like [`PartitionHandle::read`], up to the log end: what this replica holds,
+    /// committed or not (a new leader's log is the truth from now on).
+    pub async fn read_local(&self, offset: u64, max_bytes: usize) -> Result<Bytes> {
+        self.call(|reply| Command::Read {
+            offset,
+            max_bytes,
+            to_log_end: true,
             reply,
         })
         .await

@@ -231,6 +231,7 @@ fn run_round(
             Command::Read {
                 offset,
                 max_bytes,
+                to_log_end,
                 reply,
             } => {
                 let now = state_of(log, replica);
@@ -243,7 +244,12 @@ fn run_round(
                         high_watermark: now.high_watermark,
                     })
                 } else {
-                    log.read_bounded(offset, max_bytes, now.high_watermark)
+                    let upper = if to_log_end {
+                        now.log_end_offset
+                    } else {
+                        now.high_watermark
+                    };
+                    log.read_bounded(offset, max_bytes, upper)
                         .map_err(BrokerError::from)
                 };
                 let _ = reply.send(result);

@@ -98,7 +98,7 @@ pub struct TopicDefaults {
     /// Brokers that can hold replicas (1 for a single node).
     pub brokers: u32,
     /// In a cluster, a partition waits for the metadata log to make it leader or
-    /// follower before it takes writes; internal topics (`__` names) stay local.
+    /// follower before it takes writes.
     pub replicated: bool,
 }
 
@@ -231,13 +231,12 @@ impl Owner {
     }
 
     fn spawn(&self, tp: TopicPartition, log: Log, config: &TopicConfig) -> PartitionHandle {
-        let replicated = self.defaults.replicated && !tp.topic.starts_with("__");
         PartitionHandle::spawn(
             tp,
             log,
             config.clone(),
             Arc::clone(&self.manager),
-            replicated,
+            self.defaults.replicated,
         )
     }
 
