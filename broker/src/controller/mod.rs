@@ -139,6 +139,15 @@ impl Controller {
         &self.node
     }
 
+    /// The address quorum member `id` is reached at by other brokers (its entry in
+    /// `--controller-quorum`), which may differ from the one it advertises to clients.
+    pub fn peer_address(&self, id: u64) -> Option<&str> {
+        self.quorum
+            .iter()
+            .find(|(v, _)| *v == id)
+            .map(|(_, a)| a.as_str())
+    }
+
     /// How many brokers form the quorum.
     pub fn quorum_size(&self) -> usize {
         self.quorum.len()

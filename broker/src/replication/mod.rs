@@ -33,6 +33,7 @@ impl Drop for Applied {
 /// Keeps local partitions in the roles the metadata log gives them.
 pub struct Replication {
     ctx: ReplicationContext,
+    controller: Controller,
     applied: HashMap<(String, u32), Applied>,
 }
 
@@ -57,6 +58,7 @@ impl Replication {
                 alter,
             },
             applied: HashMap::new(),
+            controller,
         }
     }
 
@@ -103,12 +105,19 @@ impl Replication {
                 }
                 let fetcher = match &role {
                     Role::Follower { epoch, leader } if *leader != 0 => {
-                        md.brokers.get(leader).map(|b| {
+                        // Brokers reach each other at their quorum addresses (an inside
+                        // network, say), clients at the advertised ones.
+                        let address = self
+                            .controller
+                            .peer_address(*leader)
+                            .map(str::to_string)
+                            .or_else(|| md.brokers.get(leader).map(|b| b.address.clone()));
+                        address.map(|address| {
                             tokio::spawn(fetcher::run(fetcher::Follow {
                                 handle: handle.clone(),
                                 me,
                                 leader: *leader,
-                                address: b.address.clone(),
+                                address,
                                 epoch: *epoch,
                             }))
                         })

@@ -339,14 +339,23 @@ impl Accumulator {
             .filter(|t| keep_open == 0 || *t > now)
             .min();
         let mut waiting = VecDeque::new();
+        // Partitions with an older batch still waiting out its backoff: their later
+        // batches wait too, so a partition's batches go out in order.
+        let mut held: Vec<(Arc<str>, u32)> = Vec::new();
         while let Some(b) = st.ready.pop_front() {
+            let key = (Arc::clone(&b.topic), b.partition);
             match b.not_before {
                 Some(t) if t > now => {
                     next = Some(next.map_or(t, |n| n.min(t)));
+                    held.push(key);
                     waiting.push_back(b);
                 }
+                _ if held.contains(&key) => waiting.push_back(b),
                 _ if out.len() < room => out.push(b),
-                _ => waiting.push_back(b),
+                _ => {
+                    held.push(key);
+                    waiting.push_back(b);
+                }
             }
         }
         st.ready = waiting;
@@ -356,7 +365,16 @@ impl Accumulator {
     /// Puts a failed batch back to be sent again after a backoff.
     pub fn requeue(&self, mut batch: ReadyBatch, backoff: Duration) {
         batch.not_before = Some(Instant::now() + backoff);
-        self.lock().ready.push_front(batch);
+        let mut st = self.lock();
+        // In creation order among the queued batches: several batches of a partition
+        // sent back together (a redirect, a broker gone) keep their order.
+        let at = st
+            .ready
+            .iter()
+            .position(|b| b.created > batch.created)
+            .unwrap_or(st.ready.len());
+        st.ready.insert(at, batch);
+        drop(st);
         self.wake.notify_one();
     }
 

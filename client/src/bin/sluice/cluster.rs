@@ -1,4 +1,4 @@
-//! `sluice cluster info`.
+//! `sluice cluster info` and `sluice cluster health`.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -12,12 +12,23 @@ pub enum ClusterCommand {
     /// Brokers with liveness, the controller, and the metadata log's Raft term and commit
     /// index.
     Info,
+    /// Exits 0 once the broker answers and knows the active controller (a container
+    /// health check); otherwise says why and exits 1.
+    Health,
 }
 
 pub async fn run(global: &Global, cmd: ClusterCommand) -> Result<(), CliError> {
-    let ClusterCommand::Info = cmd;
     let admin = Admin::connect(&global.brokers).await?;
     let c = admin.describe_cluster().await?;
+    if let ClusterCommand::Health = cmd {
+        if c.controller_id <= 0 {
+            return Err(CliError::Usage(
+                "the broker answers but knows no active controller yet".into(),
+            ));
+        }
+        println!("ok: controller {}", c.controller_id);
+        return Ok(());
+    }
     match global.output {
         Output::Json => print_json(&json!({
             "cluster_id": c.cluster_id,
