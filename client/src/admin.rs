@@ -209,6 +209,7 @@ impl Admin {
             .describe_topics(DescribeTopicsRequest {
                 names: names.to_vec(),
                 allow_auto_create: false,
+                local_offsets: false,
             })
             .await?
             .into_inner()
@@ -232,6 +233,7 @@ impl Admin {
             .describe_topics(DescribeTopicsRequest {
                 names: vec![name.to_string()],
                 allow_auto_create: true,
+                local_offsets: false,
             })
             .await?
             .into_inner()

@@ -224,6 +224,21 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
     want.sort_unstable();
     assert_eq!(values, want);
 
+    // A partition with one replica: brokers without it describe the leader's offsets.
+    sluice_ok(
+        &addrs[0],
+        &["topic", "create", "single", "-p", "1", "-r", "1"],
+    );
+    ok(&sluice(&addrs[0], &["produce", "single"], "a\nb\nc\n"));
+    for a in addrs {
+        let v = describe(a, "single").expect("describe");
+        assert_eq!(
+            (v[0].high_watermark, v[0].log_end_offset),
+            (3, 3),
+            "via {a}"
+        );
+    }
+
     // The controller dies: a new one is elected and topic creation works again.
     let idx = (controller - 1) as usize;
     brokers[idx].take().expect("running").sigkill();

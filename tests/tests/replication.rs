@@ -104,6 +104,12 @@ fn followers_copy_the_leader_leave_the_isr_and_rejoin_it() {
         &numbered(2000, 3000),
     ));
     wait_partition(&[&lead], "rep", 0, 10, |v| v.high_watermark == 3000);
+    // Any broker describes a partition with its leader's offsets.
+    let via_follower = describe(&q.addrs[f2], "rep").expect("describe")[0].clone();
+    assert_eq!(
+        (via_follower.high_watermark, via_follower.log_end_offset),
+        (3000, 3000)
+    );
     // Every replica holds the same bytes: offsets, epochs and CRCs as the leader wrote.
     let want = log_bytes(&q.data_dir(leader), "rep", 0);
     for f in [f1, f2] {

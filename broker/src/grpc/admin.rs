@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::admin_service_server::AdminService;
 use sluice_proto::v1::{
     AlterTopicConfigRequest, AlterTopicConfigResponse, BrokerDescription, CreatePartitionsRequest,
@@ -69,6 +71,69 @@ impl AdminSvc {
             internal: t.meta.name.starts_with("__"),
         }
     }
+}
+
+impl AdminSvc {
+    /// In a cluster, a partition's offsets are its leader's: for partitions led
+    /// elsewhere they are asked of the leader (-1 when it does not answer), since this
+    /// broker's replica may lag or hold nothing.
+    async fn leaders_offsets(&self, topics: &mut [TopicDescription]) {
+        let Some(c) = &self.ctx.controller else {
+            return;
+        };
+        let me = c.id() as i32;
+        let mut leaders: Vec<i32> = topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| p.leader))
+            .filter(|l| *l != me)
+            .collect();
+        leaders.sort_unstable();
+        leaders.dedup();
+        let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+        let md = c.metadata();
+        for leader in leaders {
+            let address = c
+                .peer_address(leader as u64)
+                .map(str::to_string)
+                .or_else(|| md.brokers.get(&(leader as u64)).map(|b| b.address.clone()));
+            let theirs = match address {
+                Some(a) => ask_offsets(&a, names.clone()).await,
+                None => None,
+            };
+            for t in topics.iter_mut() {
+                let remote = theirs
+                    .as_ref()
+                    .and_then(|r| r.iter().find(|d| d.name == t.name));
+                for p in t.partitions.iter_mut().filter(|p| p.leader == leader) {
+                    let found = remote
+                        .and_then(|d| d.partitions.iter().find(|q| q.partition == p.partition));
+                    (p.log_start_offset, p.high_watermark, p.log_end_offset) = match found {
+                        Some(q) => (q.log_start_offset, q.high_watermark, q.log_end_offset),
+                        None => (-1, -1, -1),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// A broker's own view of `names` (its replicas' offsets), or `None` if it does not
+/// answer within a second.
+async fn ask_offsets(address: &str, names: Vec<String>) -> Option<Vec<TopicDescription>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1));
+    let mut client = AdminServiceClient::new(endpoint.connect_lazy());
+    let answer = client
+        .describe_topics(DescribeTopicsRequest {
+            names,
+            allow_auto_create: false,
+            local_offsets: true,
+        })
+        .await
+        .ok()?;
+    Some(answer.into_inner().topics)
 }
 
 fn non_negative(what: &str, v: i32) -> Result<u32, BrokerError> {
@@ -181,6 +246,10 @@ impl AdminService for AdminSvc {
             }
             out
         };
+        let mut topics = topics;
+        if !req.local_offsets && !req.allow_auto_create {
+            self.leaders_offsets(&mut topics).await;
+        }
         Ok(Response::new(DescribeTopicsResponse { topics }))
     }
 
