@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sluice_tests::broker::BrokerProcess;
 use sluice_tests::cli::{ok, sluice};
-use sluice_tests::cluster::{describe, wait_for_brokers, wait_partition, Quorum};
+use sluice_tests::cluster::{describe, wait_for_brokers, wait_partition, PartitionView, Quorum};
 
 /// Lines `from..to`, one record each.
 fn numbered(from: u32, to: u32) -> String {
@@ -52,22 +52,7 @@ fn followers_copy_the_leader_leave_the_isr_and_rejoin_it() {
     let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
     wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
-    ok(&sluice(
-        &q.addrs[0],
-        &[
-            "topic",
-            "create",
-            "rep",
-            "-p",
-            "1",
-            "-r",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        "",
-    ));
-    let placed = wait_partition(&[&q.addrs[0]], "rep", 0, 10, |v| v.leader > 0);
+    let placed = create_rf3(&q.addrs[0], "rep");
     assert_eq!(
         placed.isr,
         vec![1, 2, 3],
@@ -181,7 +166,9 @@ fn assert_identical(q: &Quorum, topic: &str) {
     }
 }
 
-fn create_rf3(addr: &str, topic: &str) -> (usize, String) {
+/// Creates `topic` with one partition, three replicas and min.insync.replicas=2, and
+/// waits until all three are in sync.
+fn create_rf3(addr: &str, topic: &str) -> PartitionView {
     ok(&sluice(
         addr,
         &[
@@ -197,9 +184,7 @@ fn create_rf3(addr: &str, topic: &str) -> (usize, String) {
         ],
         "",
     ));
-    let v = wait_partition(&[addr], topic, 0, 10, |v| v.leader > 0 && v.isr.len() == 3);
-    let leader = (v.leader - 1) as usize;
-    (leader, format!("{}", v.leader))
+    wait_partition(&[addr], topic, 0, 10, |v| v.leader > 0 && v.isr.len() == 3)
 }
 
 /// Test 1: acks=all records written while the partition leader is SIGKILLed are all
@@ -210,7 +195,7 @@ fn acks_all_records_survive_the_leaders_loss() {
     let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
     wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
-    let (leader, _) = create_rf3(&q.addrs[0], "hist");
+    let leader = (create_rf3(&q.addrs[0], "hist").leader - 1) as usize;
     let rt = runtime();
     let history = History::default();
     let p = rt.block_on(producer(&q.bootstrap(), Duration::from_secs(60)));
@@ -286,7 +271,7 @@ fn an_uncommitted_tail_is_never_read_and_is_cut_after_failover() {
     let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
     wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
-    let (leader, _) = create_rf3(&q.addrs[0], "tail");
+    let leader = (create_rf3(&q.addrs[0], "tail").leader - 1) as usize;
     let lead = q.addrs[leader].clone();
     let followers = [(leader + 1) % 3, (leader + 2) % 3];
     ok(&sluice(
@@ -347,7 +332,7 @@ fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
     let q = Quorum::new(&[]);
     let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
     wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
-    let (leader, _) = create_rf3(&q.addrs[0], "all");
+    let leader = (create_rf3(&q.addrs[0], "all").leader - 1) as usize;
     let lead = q.addrs[leader].clone();
     ok(&sluice(
         &lead,

@@ -20,8 +20,9 @@ use tonic::transport::Channel;
 
 use super::accumulator::{Accumulator, Acked, ReadyBatch};
 use super::{Acks, ProducerConfig};
-use crate::connection::{addresses, endpoint, MAX_MESSAGE_BYTES};
+use crate::connection::MAX_MESSAGE_BYTES;
 use crate::error::ClientError;
+use crate::routes::Routes;
 
 /// Starts the dispatcher; `first` is the channel to `first_addr`, a broker that answered.
 pub(crate) fn spawn(
@@ -89,55 +90,16 @@ enum Event {
     Down { addr: String },
 }
 
-type Key = (Arc<str>, u32);
-
+/// Where batches go: partition leaders, and one task per broker.
 struct Router {
-    /// Partition leaders learned from NOT_LEADER answers.
-    routes: HashMap<Key, String>,
-    /// Where batches of partitions with no known leader go.
-    default: String,
-    bootstrap: Vec<String>,
+    routes: Routes,
     conns: HashMap<String, mpsc::Sender<ReadyBatch>>,
-    first: Option<(String, Channel)>,
 }
 
 impl Router {
-    fn address_for(&self, key: &Key) -> String {
-        self.routes
-            .get(key)
-            .cloned()
-            .unwrap_or_else(|| self.default.clone())
-    }
-
-    fn channel_for(&mut self, addr: &str) -> Result<Channel, ClientError> {
-        if let Some((a, c)) = &self.first {
-            if a == addr {
-                return Ok(c.clone());
-            }
-        }
-        endpoint(addr)
-            .map(|e| e.connect_lazy())
-            .map_err(|message| ClientError::Connect {
-                brokers: addr.to_string(),
-                message,
-            })
-    }
-
     fn down(&mut self, addr: &str) {
         self.conns.remove(addr);
-        self.routes.retain(|_, a| a != addr);
-        if self.first.as_ref().is_some_and(|(a, _)| a == addr) {
-            self.first = None;
-        }
-        if self.default == addr && !self.bootstrap.is_empty() {
-            // Try the next bootstrap broker for partitions with no known leader.
-            let i = self
-                .bootstrap
-                .iter()
-                .position(|a| a == addr)
-                .map_or(0, |i| (i + 1) % self.bootstrap.len());
-            self.default = self.bootstrap[i].clone();
-        }
+        self.routes.down(addr);
     }
 }
 
@@ -150,11 +112,8 @@ async fn dispatch(
     let in_flight = Arc::new(AtomicUsize::new(0));
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let mut router = Router {
-        routes: HashMap::new(),
-        default: first_addr.clone(),
-        bootstrap: addresses(&config.brokers),
+        routes: Routes::new(&config.brokers, first_addr, first),
         conns: HashMap::new(),
-        first: Some((first_addr, first)),
     };
     loop {
         if Arc::strong_count(&acc) == 1 && acc.outstanding() == 0 {
@@ -166,10 +125,13 @@ async fn dispatch(
             .saturating_sub(in_flight.load(Ordering::Acquire));
         let (ready, next_wake) = acc.take_ready(room);
         for b in ready {
-            let addr = router.address_for(&(Arc::clone(&b.topic), b.partition));
+            let addr = router
+                .routes
+                .address(&(b.topic.to_string(), b.partition))
+                .to_string();
             let tx = match router.conns.get(&addr) {
                 Some(tx) => tx.clone(),
-                None => match router.channel_for(&addr) {
+                None => match router.routes.channel(&addr) {
                     Ok(channel) => {
                         let (tx, rx) = mpsc::channel(config.max_in_flight.max(16));
                         tokio::spawn(broker_task(BrokerTask {
@@ -209,24 +171,17 @@ async fn dispatch(
             _ = sleep => {}
             Some(ev) = events.recv() => match ev {
                 Event::Redirect { batch, to, err } => {
-                    let key = (Arc::clone(&batch.topic), batch.partition);
+                    let key = (batch.topic.to_string(), batch.partition);
                     if batch.created.elapsed() >= config.delivery_timeout {
                         acc.complete(batch, Err(err));
                         continue;
                     }
                     // A redirect is not a retry: the batch was not written anywhere.
-                    match to {
-                        Some(addr) => {
-                            router.routes.insert(key, addr);
-                            acc.requeue(batch, Duration::ZERO);
-                        }
-                        None => {
-                            // No leader right now (an election is running): wait a
-                            // little, then ask whichever broker is the default.
-                            router.routes.remove(&key);
-                            acc.requeue(batch, config.retry_backoff);
-                        }
-                    }
+                    // Without a leader named (an election is running), wait a little,
+                    // then ask whichever broker is the default.
+                    let wait = if to.is_some() { Duration::ZERO } else { config.retry_backoff };
+                    router.routes.learn(key, to.as_deref());
+                    acc.requeue(batch, wait);
                 }
                 Event::Down { addr } => router.down(&addr),
             },
