@@ -51,6 +51,17 @@ impl History {
             .count()
     }
 
+    /// How many of the sends from the `from`-th on were acknowledged.
+    pub fn acked_since(&self, from: usize) -> usize {
+        self.sends
+            .lock()
+            .expect("history lock")
+            .iter()
+            .skip(from)
+            .filter(|(_, o)| matches!(o, Some(Outcome::Acked(_))))
+            .count()
+    }
+
     /// How many sends have no outcome yet.
     pub fn open(&self) -> usize {
         self.sends
