@@ -70,6 +70,11 @@ pub struct BrokerArgs {
     /// [default: 30000].
     #[arg(long, env = "SLUICE_REPLICA_LAG_TIME_MAX_MS")]
     pub replica_lag_time_max_ms: Option<u64>,
+    /// Partitions `__consumer_offsets` is created with; groups hash over them and each
+    /// partition's leader coordinates its groups [default: 8]. A topic that exists
+    /// keeps its count.
+    #[arg(long, env = "SLUICE_OFFSETS_TOPIC_PARTITIONS")]
+    pub offsets_topic_partitions: Option<u32>,
 }
 
 /// The TOML file's shape: the same settings as the flags.
@@ -91,6 +96,7 @@ struct FileConfig {
     offsets_retention_minutes: Option<u64>,
     controller_quorum: Option<String>,
     replica_lag_time_max_ms: Option<u64>,
+    offsets_topic_partitions: Option<u32>,
 }
 
 /// The broker's effective configuration.
@@ -122,6 +128,8 @@ pub struct BrokerConfig {
     pub offsets_retention: Duration,
     /// `__consumer_offsets` is compacted once it holds this many superseded records.
     pub offsets_compact_after_records: u64,
+    /// Partitions `__consumer_offsets` is created with (`offsets.topic.num.partitions`).
+    pub offsets_topic_partitions: u32,
     /// Controller quorum members (id, gRPC address); empty on a single broker.
     pub controller_quorum: Vec<(u64, String)>,
     /// A follower not caught up for this long leaves the ISR (`replica.lag.time.max.ms`).
@@ -150,6 +158,7 @@ impl Default for BrokerConfig {
             group_rebalance_timeout: Duration::from_secs(300),
             offsets_retention: Duration::from_secs(7 * 24 * 60 * 60),
             offsets_compact_after_records: 100_000,
+            offsets_topic_partitions: 8,
             controller_quorum: Vec::new(),
             replica_lag_time_max: Duration::from_secs(30),
         }
@@ -216,6 +225,10 @@ impl BrokerConfig {
                 .or(file.offsets_retention_minutes)
                 .map_or(d.offsets_retention, |m| Duration::from_secs(m * 60)),
             offsets_compact_after_records: d.offsets_compact_after_records,
+            offsets_topic_partitions: args
+                .offsets_topic_partitions
+                .or(file.offsets_topic_partitions)
+                .unwrap_or(d.offsets_topic_partitions),
             controller_quorum: match args.controller_quorum.or(file.controller_quorum) {
                 Some(text) => parse_quorum(&text)?,
                 None => Vec::new(),
@@ -236,6 +249,12 @@ impl BrokerConfig {
         }
         if self.default_replication_factor == 0 {
             return Err("default replication factor must be at least 1".into());
+        }
+        if !(1..=1000).contains(&self.offsets_topic_partitions) {
+            return Err(format!(
+                "offsets topic partitions must be 1 to 1000, not {}",
+                self.offsets_topic_partitions
+            ));
         }
         if self.group_heartbeat_interval.is_zero()
             || self.group_heartbeat_interval >= self.group_session_timeout

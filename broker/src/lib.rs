@@ -128,6 +128,7 @@ impl Broker {
             rebalance_timeout: config.group_rebalance_timeout,
             offsets_retention: config.offsets_retention,
             compact_after_records: config.offsets_compact_after_records,
+            offsets_partitions: config.offsets_topic_partitions,
         };
         let groups = if config.controller_quorum.is_empty() {
             GroupCoordinator::start(topics.clone(), coordinator_config).await?
@@ -145,6 +146,7 @@ impl Broker {
                 heartbeat_interval: BROKER_HEARTBEAT,
                 session_timeout: BROKER_SESSION,
                 cluster_id: cluster_id.clone(),
+                offsets_partitions: config.offsets_topic_partitions,
             })?)
         };
         if let Some(c) = &controller {

@@ -16,7 +16,7 @@ use sluice_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::connection::{connect, MAX_MESSAGE_BYTES};
+use crate::connection::{connect, endpoint, MAX_MESSAGE_BYTES};
 use crate::error::{ClientError, Result};
 use crate::group::at_coordinator;
 
@@ -84,13 +84,49 @@ impl Admin {
         }
     }
 
-    /// Every consumer group.
+    /// Every consumer group. In a cluster each broker coordinates the groups of the
+    /// offsets partitions it leads, so every live broker is asked and the answers
+    /// merged; a live broker that cannot answer fails the listing rather than leave
+    /// its groups out.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
-        let answer = at_coordinator(&mut self.groups.clone(), |mut c| async move {
-            c.list_groups(ListGroupsRequest {}).await
-        })
-        .await?;
-        Ok(answer.groups)
+        let cluster = self.describe_cluster().await?;
+        let live: Vec<&str> = cluster
+            .brokers
+            .iter()
+            .filter(|b| b.alive)
+            .map(|b| b.address.as_str())
+            .collect();
+        if live.len() <= 1 {
+            let answer = self
+                .groups
+                .clone()
+                .list_groups(ListGroupsRequest {})
+                .await?;
+            return Ok(answer.into_inner().groups);
+        }
+        let mut merged: BTreeMap<String, GroupListing> = BTreeMap::new();
+        for addr in live {
+            let channel = endpoint(addr)
+                .map(|e| e.connect_lazy())
+                .map_err(|message| ClientError::Connect {
+                    brokers: addr.to_string(),
+                    message,
+                })?;
+            let answer = GroupServiceClient::new(channel)
+                .list_groups(ListGroupsRequest {})
+                .await?;
+            for g in answer.into_inner().groups {
+                // During a handover two brokers may both know a group: keep the one
+                // its members are at.
+                match merged.get(&g.group_id) {
+                    Some(seen) if seen.members >= g.members => {}
+                    _ => {
+                        merged.insert(g.group_id.clone(), g);
+                    }
+                }
+            }
+        }
+        Ok(merged.into_values().collect())
     }
 
     /// A group's state, members, assignment, and per partition its committed offset,

@@ -184,3 +184,28 @@ pub fn wait_partition(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The broker coordinating `group` (the leader of the offsets partition it hashes to),
+/// as `addr` describes `__consumer_offsets`, waiting at most `secs` for every offsets
+/// partition to have a leader and `ready` to hold for the group's.
+pub fn group_coordinator(
+    addr: &str,
+    group: &str,
+    secs: u64,
+    ready: impl Fn(&PartitionView) -> bool,
+) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(parts) = describe(addr, "__consumer_offsets") {
+            let p = sluice_broker::group::offsets_partition(group, parts.len() as u32);
+            if parts.iter().all(|v| v.leader > 0) && ready(&parts[p as usize]) {
+                return parts[p as usize].leader;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no coordinator for group {group:?} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

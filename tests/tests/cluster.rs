@@ -10,7 +10,7 @@ use sluice_proto::v1::produce_service_client::ProduceServiceClient;
 use sluice_proto::v1::{Acks, ProduceRequest, RaftBatch};
 use sluice_tests::broker::BrokerProcess;
 use sluice_tests::cli::{ok, sluice};
-use sluice_tests::cluster::{describe, wait_for_brokers as wait_for, Quorum};
+use sluice_tests::cluster::{describe, group_coordinator, wait_for_brokers as wait_for, Quorum};
 
 #[test]
 fn the_controller_quorum_elects_fails_over_and_takes_a_member_back() {
@@ -223,6 +223,67 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
     want.push("hello".into());
     want.sort_unstable();
     assert_eq!(values, want);
+
+    // Groups hash over the offsets partitions, so their coordinators are spread over
+    // the brokers: one group per broker, each read and committed through `via`, each
+    // described and all listed through any broker.
+    let mut groups: Vec<(i64, String)> = Vec::new();
+    for i in 0.. {
+        let g = format!("g{i}");
+        let c = group_coordinator(via, &g, 20, |_| true);
+        if groups.iter().all(|(have, _)| *have != c) {
+            groups.push((c, g));
+        }
+        if groups.len() == 3 {
+            break;
+        }
+        assert!(
+            i < 1000,
+            "no group hashes to a partition led by each broker"
+        );
+    }
+    for (_, g) in &groups {
+        let read = ok(&sluice(
+            via,
+            &[
+                "consume",
+                "orders",
+                "--group",
+                g,
+                "--from-beginning",
+                "--max-messages",
+                "31",
+                "--timeout-ms",
+                "20000",
+            ],
+            "",
+        ));
+        assert_eq!(read.lines().count(), 31, "group {g}");
+    }
+    for (i, (_, g)) in groups.iter().enumerate() {
+        let out = ok(&sluice(
+            &addrs[i],
+            &["--output", "json", "group", "describe", g],
+            "",
+        ));
+        let d: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let committed: i64 = d["offsets"]
+            .as_array()
+            .expect("offsets")
+            .iter()
+            .filter_map(|o| o["committed_offset"].as_i64())
+            .sum();
+        assert_eq!(committed, 31, "group {g} committed everything it read: {d}");
+    }
+    let listed = ok(&sluice(&addrs[2], &["group", "list"], ""));
+    for (_, g) in &groups {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(g)),
+            "{g} listed:\n{listed}"
+        );
+    }
 
     // A partition with one replica: brokers without it describe the leader's offsets.
     sluice_ok(

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use sluice_broker::group::offsets_partition;
 use sluice_client::{
     Acks, Admin, ClientError, Consumer, ConsumerConfig, ErrorReason, NewTopic, OffsetReset,
     Producer, ProducerConfig, ProducerRecord,
@@ -542,7 +543,7 @@ async fn the_offsets_topic_is_compacted_and_idle_groups_expire() {
             .describe_topic("__consumer_offsets")
             .await
             .expect("describe");
-        let p = &d.partitions[0];
+        let p = &d.partitions[offsets_partition("busy", d.partitions.len() as u32) as usize];
         if p.log_start_offset > 0 && p.log_end_offset - p.log_start_offset < 100 {
             break;
         }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use sluice_tests::broker::BrokerProcess;
 use sluice_tests::cli::{ok, sluice};
-use sluice_tests::cluster::{describe, wait_for_brokers, wait_partition, PartitionView, Quorum};
+use sluice_tests::cluster::{
+    describe, group_coordinator, wait_for_brokers, wait_partition, PartitionView, Quorum,
+};
 
 /// Lines `from..to`, one record each.
 fn numbered(from: u32, to: u32) -> String {
@@ -421,12 +423,10 @@ fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // The coordinator is the offsets topic's leader; SIGKILL it and the group's offsets
-    // are still there, served by the replica that takes over.
-    let offsets = wait_partition(&[&q.addrs[0]], "__consumer_offsets", 0, 20, |v| {
-        v.leader > 0 && v.isr.len() == 3
-    });
-    let coordinator = (offsets.leader - 1) as usize;
+    // The coordinator is the leader of the offsets partition the group hashes to;
+    // SIGKILL it and the group's offsets are still there, served by the replica that
+    // takes over.
+    let coordinator = (group_coordinator(&q.addrs[0], "g", 20, |v| v.isr.len() == 3) - 1) as usize;
     brokers[coordinator].take().expect("running").sigkill();
     let survivor = q.addrs[(coordinator + 1) % 3].clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(40);

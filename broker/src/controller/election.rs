@@ -74,7 +74,7 @@ fn offsets_topic(c: &Controller, md: &Metadata) -> Option<Command> {
     }
     Some(Command::CreateTopic {
         name: OFFSETS_TOPIC.to_string(),
-        partitions: 1,
+        partitions: c.offsets_partitions(),
         replication_factor: rf as u32,
         // Kept forever: expiry writes tombstones and compaction rewrites it.
         configs: [("retention.ms".to_string(), "-1".to_string())].into(),

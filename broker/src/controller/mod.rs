@@ -41,6 +41,8 @@ pub struct ControllerConfig {
     pub session_timeout: Duration,
     /// This broker's own cluster id, proposed as the cluster's if none is set yet.
     pub cluster_id: String,
+    /// Partitions the controller creates `__consumer_offsets` with.
+    pub offsets_partitions: u32,
 }
 
 /// This broker's member of the controller quorum; cheap to clone.
@@ -51,6 +53,7 @@ pub struct Controller {
     quorum: Arc<Vec<(u64, String)>>,
     metadata: watch::Receiver<Arc<Metadata>>,
     session_timeout: Duration,
+    offsets_partitions: u32,
     heartbeats: Arc<JoinHandle<()>>,
 }
 
@@ -125,6 +128,7 @@ impl Controller {
             quorum,
             metadata,
             session_timeout: config.session_timeout,
+            offsets_partitions: config.offsets_partitions,
             heartbeats: Arc::new(heartbeats),
         })
     }
@@ -176,6 +180,11 @@ impl Controller {
     /// How long a broker may be silent before it counts as gone.
     pub fn session_timeout(&self) -> Duration {
         self.session_timeout
+    }
+
+    /// Partitions `__consumer_offsets` is created with.
+    pub fn offsets_partitions(&self) -> u32 {
+        self.offsets_partitions
     }
 
     /// Whether a broker heartbeated within the session timeout.

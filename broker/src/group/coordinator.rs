@@ -109,8 +109,39 @@ pub struct GroupListing {
     pub members: usize,
 }
 
+/// Which groups this broker coordinates: those hashing to the offsets partitions it
+/// leads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leading {
+    /// Partitions of `__consumer_offsets` (0 while it does not exist).
+    pub partitions: u32,
+    /// The ones this broker leads.
+    pub led: BTreeSet<u32>,
+}
+
+impl Leading {
+    /// Every partition of a topic with `partitions` partitions.
+    pub fn all(partitions: u32) -> Leading {
+        Leading {
+            partitions,
+            led: (0..partitions).collect(),
+        }
+    }
+
+    /// Whether `group` hashes to a partition this broker leads.
+    pub fn coordinates(&self, group: &str) -> bool {
+        self.partitions > 0
+            && self
+                .led
+                .contains(&super::offsets_partition(group, self.partitions))
+    }
+}
+
+/// A group's committed offsets, per partition asked (`None`: nothing committed).
+type GroupOffsets = Vec<(Tp, Option<Committed>)>;
+
 enum Command {
-    Activate(bool, oneshot::Sender<Result<()>>),
+    Lead(Leading, oneshot::Sender<Result<()>>),
     Heartbeat(Heartbeat, oneshot::Sender<Result<HeartbeatAnswer>>),
     Commit {
         group: String,
@@ -121,7 +152,7 @@ enum Command {
     FetchOffsets {
         group: String,
         partitions: Option<Vec<Tp>>,
-        reply: oneshot::Sender<Vec<(Tp, Option<Committed>)>>,
+        reply: oneshot::Sender<Result<GroupOffsets>>,
     },
     CheckFetch {
         group: String,
@@ -147,16 +178,18 @@ pub struct CoordinatorConfig {
     pub rebalance_timeout: Duration,
     /// Offsets of a group empty this long expire.
     pub offsets_retention: Duration,
-    /// Compact `__consumer_offsets` once it holds this many more records than there
-    /// are live offsets.
+    /// Compact a partition of `__consumer_offsets` once it holds this many more
+    /// records than there are live offsets in it.
     pub compact_after_records: u64,
+    /// Partitions `__consumer_offsets` is created with on a single broker.
+    pub offsets_partitions: u32,
 }
 
 /// A cloneable handle to the coordinator task.
 #[derive(Debug, Clone)]
 pub struct GroupCoordinator {
     tx: mpsc::Sender<Command>,
-    active: watch::Receiver<bool>,
+    leading: watch::Receiver<Leading>,
 }
 
 struct Member {
@@ -208,23 +241,27 @@ struct Coordinator {
     store: OffsetStore,
     groups: BTreeMap<String, Group>,
     offsets: OffsetMap,
-    /// Whether this broker coordinates groups now (always, on a single broker).
-    active: watch::Sender<bool>,
+    /// The groups this broker coordinates now (all, on a single broker).
+    leading: watch::Sender<Leading>,
 }
 
 impl GroupCoordinator {
     /// Opens the offsets topic, replays it, and starts the coordinator task.
     pub async fn start(topics: Topics, config: CoordinatorConfig) -> Result<GroupCoordinator> {
-        let store = OffsetStore::open(topics.clone()).await?;
-        let offsets = store.load().await?;
-        Ok(Self::spawn(topics, config, store, offsets, true))
+        let store = OffsetStore::open(topics.clone(), config.offsets_partitions).await?;
+        let leading = Leading::all(store.partitions());
+        let mut offsets = OffsetMap::new();
+        for p in &leading.led {
+            offsets.extend(store.load(*p).await?);
+        }
+        Ok(Self::spawn(topics, config, store, offsets, leading))
     }
 
-    /// A coordinator in a cluster: idle until [`GroupCoordinator::set_active`] says
-    /// this broker leads the replicated offsets topic.
+    /// A coordinator in a cluster: idle until [`GroupCoordinator::set_leading`] says
+    /// which partitions of the replicated offsets topic this broker leads.
     pub fn start_in_cluster(topics: Topics, config: CoordinatorConfig) -> GroupCoordinator {
         let store = OffsetStore::attach(topics.clone());
-        Self::spawn(topics, config, store, OffsetMap::new(), false)
+        Self::spawn(topics, config, store, OffsetMap::new(), Leading::default())
     }
 
     fn spawn(
@@ -232,34 +269,36 @@ impl GroupCoordinator {
         config: CoordinatorConfig,
         store: OffsetStore,
         offsets: OffsetMap,
-        active: bool,
+        leading: Leading,
     ) -> GroupCoordinator {
         let (tx, rx) = mpsc::channel(1024);
-        let (active_tx, active_rx) = watch::channel(active);
+        let (leading_tx, leading_rx) = watch::channel(leading);
         let c = Coordinator {
             config,
             topics,
             store,
             groups: BTreeMap::new(),
             offsets,
-            active: active_tx,
+            leading: leading_tx,
         };
         tokio::spawn(c.run(rx));
         GroupCoordinator {
             tx,
-            active: active_rx,
+            leading: leading_rx,
         }
     }
 
-    /// Whether this broker coordinates groups now.
-    pub fn is_active(&self) -> bool {
-        *self.active.borrow()
+    /// Whether this broker coordinates `group` now.
+    pub fn coordinates(&self, group: &str) -> bool {
+        self.leading.borrow().coordinates(group)
     }
 
-    /// Takes over (replaying the offsets this replica holds) or hands over (forgetting
-    /// groups and offsets) as leadership of the offsets topic moves.
-    pub async fn set_active(&self, active: bool) -> Result<()> {
-        self.call(|r| Command::Activate(active, r)).await?
+    /// Takes over the groups of newly led offsets partitions (replaying the offsets
+    /// this replica holds) and hands over those of partitions no longer led
+    /// (forgetting their groups and offsets). Fails if a partition could not be
+    /// replayed; the others are taken over, and a later call retries it.
+    pub async fn set_leading(&self, leading: Leading) -> Result<()> {
+        self.call(|r| Command::Lead(leading, r)).await?
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -303,7 +342,7 @@ impl GroupCoordinator {
             partitions,
             reply,
         })
-        .await
+        .await?
     }
 
     /// Fails with `Fenced` unless the member is in the group and holds every partition.
@@ -365,21 +404,12 @@ impl Coordinator {
 
     async fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Activate(active, reply) => {
-                // Members rejoin and find their offsets again either way.
-                self.groups.clear();
-                self.offsets.clear();
-                let result = if active {
-                    self.store.load().await.map(|o| self.offsets = o)
-                } else {
-                    Ok(())
-                };
-                self.active.send_replace(active && result.is_ok());
-                tracing::info!(active, ok = result.is_ok(), "group coordinator");
-                let _ = reply.send(result);
+            Command::Lead(wanted, reply) => {
+                let _ = reply.send(self.lead(wanted).await);
             }
             Command::Heartbeat(hb, reply) => {
-                let _ = reply.send(self.heartbeat(hb));
+                let r = self.owns(&hb.group).and_then(|()| self.heartbeat(hb));
+                let _ = reply.send(r);
             }
             Command::Commit {
                 group,
@@ -387,7 +417,10 @@ impl Coordinator {
                 offsets,
                 reply,
             } => {
-                let r = self.commit(&group, member, offsets).await;
+                let r = match self.owns(&group) {
+                    Ok(()) => self.commit(&group, member, offsets).await,
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(r);
             }
             Command::FetchOffsets {
@@ -395,6 +428,10 @@ impl Coordinator {
                 partitions,
                 reply,
             } => {
+                if let Err(e) = self.owns(&group) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let have = self.offsets.get(&group);
                 let out = match partitions {
                     Some(tps) => tps
@@ -412,7 +449,7 @@ impl Coordinator {
                         })
                         .unwrap_or_default(),
                 };
-                let _ = reply.send(out);
+                let _ = reply.send(Ok(out));
             }
             Command::CheckFetch {
                 group,
@@ -421,8 +458,10 @@ impl Coordinator {
                 partitions,
                 reply,
             } => {
-                let _ =
-                    reply.send(self.check_member(&group, &member_id, member_epoch, &partitions));
+                let r = self.owns(&group).and_then(|()| {
+                    self.check_member(&group, &member_id, member_epoch, &partitions)
+                });
+                let _ = reply.send(r);
             }
             Command::List(reply) => {
                 let mut ids: BTreeSet<&String> = self.groups.keys().collect();
@@ -445,13 +484,61 @@ impl Coordinator {
                 let _ = reply.send(out);
             }
             Command::Describe(group, reply) => {
-                let _ = reply.send(self.describe(&group));
+                let r = self.owns(&group).and_then(|()| self.describe(&group));
+                let _ = reply.send(r);
             }
             Command::Delete(group, reply) => {
-                let r = self.delete(&group).await;
+                let r = match self.owns(&group) {
+                    Ok(()) => self.delete(&group).await,
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(r);
             }
         }
+    }
+
+    /// Fails with `NotCoordinator` unless `group` hashes to a partition led here; the
+    /// service edge names the coordinator, this only closes the race with a handover.
+    fn owns(&self, group: &str) -> Result<()> {
+        if self.leading.borrow().coordinates(group) {
+            return Ok(());
+        }
+        Err(BrokerError::NotCoordinator {
+            group: group.to_string(),
+            coordinator: None,
+            address: None,
+        })
+    }
+
+    async fn lead(&mut self, wanted: Leading) -> Result<()> {
+        let mut now = self.leading.borrow().clone();
+        if now.partitions != wanted.partitions {
+            // Groups hash differently now: start over.
+            now = Leading {
+                partitions: wanted.partitions,
+                led: BTreeSet::new(),
+            };
+        }
+        let n = wanted.partitions;
+        let keep = |g: &String| wanted.led.contains(&super::offsets_partition(g, n));
+        // Members of handed-over groups rejoin at the new coordinator, which replays
+        // their offsets.
+        self.groups.retain(|g, _| keep(g));
+        self.offsets.retain(|g, _| keep(g));
+        now.led.retain(|p| wanted.led.contains(p));
+        let mut result = Ok(());
+        for &p in wanted.led.difference(&now.led.clone()) {
+            match self.store.load(p).await {
+                Ok(offsets) => {
+                    self.offsets.extend(offsets);
+                    now.led.insert(p);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        tracing::info!(partitions = ?now.led, ok = result.is_ok(), "group coordinator leads offsets partitions");
+        self.leading.send_replace(now);
+        result
     }
 
     fn heartbeat(&mut self, hb: Heartbeat) -> Result<HeartbeatAnswer> {
@@ -739,7 +826,8 @@ impl Coordinator {
 
     /// Removes members whose session ran out, and expires offsets of long-empty groups.
     async fn sweep(&mut self) {
-        if !*self.active.borrow() {
+        let leading = self.leading.borrow().clone();
+        if leading.led.is_empty() {
             return;
         }
         let now = Instant::now();
@@ -806,10 +894,25 @@ impl Coordinator {
                 tracing::warn!(group = %name, error = %e, "could not expire offsets");
             }
         }
-        let live: u64 = self.offsets.values().map(|g| g.len() as u64).sum();
-        if self.store.records().saturating_sub(live) >= self.config.compact_after_records {
-            if let Err(e) = self.store.compact(&self.offsets).await {
-                tracing::warn!(error = %e, "compacting the offsets topic failed; will retry");
+        let n = leading.partitions;
+        let mut live_per_partition: BTreeMap<u32, u64> = BTreeMap::new();
+        for (g, o) in &self.offsets {
+            *live_per_partition
+                .entry(super::offsets_partition(g, n))
+                .or_default() += o.len() as u64;
+        }
+        for &p in &leading.led {
+            let count = live_per_partition.get(&p).copied().unwrap_or(0);
+            if self.store.records(p).saturating_sub(count) >= self.config.compact_after_records {
+                let live: OffsetMap = self
+                    .offsets
+                    .iter()
+                    .filter(|(g, _)| super::offsets_partition(g, n) == p)
+                    .map(|(g, o)| (g.clone(), o.clone()))
+                    .collect();
+                if let Err(e) = self.store.compact(p, &live).await {
+                    tracing::warn!(partition = p, error = %e, "compacting the offsets topic failed; will retry");
+                }
             }
         }
     }

@@ -105,13 +105,15 @@ impl OffsetStore {
         OffsetStore { topics }
     }
 
-    /// Opens the offsets topic, creating it (kept forever: expiry writes tombstones).
-    pub async fn open(topics: Topics) -> Result<OffsetStore> {
+    /// Opens the offsets topic, creating it with `partitions` partitions (kept
+    /// forever: expiry writes tombstones). An existing topic keeps its count, since
+    /// groups hash to partitions by it.
+    pub async fn open(topics: Topics, partitions: u32) -> Result<OffsetStore> {
         if topics.metadata().topic(OFFSETS_TOPIC).is_err() {
             let created = topics
                 .create(NewTopic {
                     name: OFFSETS_TOPIC.to_string(),
-                    partitions: 1,
+                    partitions: partitions.max(1),
                     replication_factor: 0,
                     configs: [("retention.ms".to_string(), "-1".to_string())].into(),
                     validate_only: false,
@@ -125,16 +127,29 @@ impl OffsetStore {
         Ok(OffsetStore { topics })
     }
 
-    fn partition(&self) -> Result<PartitionHandle> {
+    fn partition(&self, partition: u32) -> Result<PartitionHandle> {
         let md = self.topics.metadata();
         let t = md.topic(OFFSETS_TOPIC)?;
-        Ok(t.partition(0)?.clone())
+        Ok(t.partition(i64::from(partition))?.clone())
     }
 
-    /// Reads the whole topic into a map of the latest offset per key: all this
-    /// replica holds, which is everything committed when it has just become leader.
-    pub async fn load(&self) -> Result<OffsetMap> {
-        let p = self.partition()?;
+    /// The topic's partition count (0 while it does not exist here).
+    pub fn partitions(&self) -> u32 {
+        self.topics
+            .metadata()
+            .topic(OFFSETS_TOPIC)
+            .map_or(0, |t| t.partitions.len() as u32)
+    }
+
+    /// The partition holding `group`'s offsets.
+    fn partition_of(&self, group: &str) -> Result<PartitionHandle> {
+        self.partition(super::offsets_partition(group, self.partitions()))
+    }
+
+    /// Reads one partition into a map of the latest offset per key: all this replica
+    /// holds, which is everything committed when it has just become its leader.
+    pub async fn load(&self, partition: u32) -> Result<OffsetMap> {
+        let p = self.partition(partition)?;
         let mut map = OffsetMap::new();
         let mut next = p.state().log_start_offset;
         loop {
@@ -188,16 +203,17 @@ impl OffsetStore {
         }
         // One batch, so a commit is stored whole or not at all.
         let batch = offsets_batch(entries.iter().map(|(tp, c)| (group, tp, c.as_ref())))?;
-        self.partition()?.append(batch, Acks::All).await?;
+        self.partition_of(group)?.append(batch, Acks::All).await?;
         Ok(())
     }
 
-    /// Compacts the topic: every live offset is written again from a fresh segment,
-    /// then every older segment is deleted. The result is what Kafka's log compaction
-    /// leaves (the latest record per key); a crash half-way leaves old records followed
-    /// by the copy, which replays to the same offsets.
-    pub async fn compact(&self, live: &OffsetMap) -> Result<()> {
-        let p = self.partition()?;
+    /// Compacts one partition: every live offset it holds (`live`, the groups hashing
+    /// to it) is written again from a fresh segment, then every older segment is
+    /// deleted. The result is what Kafka's log compaction leaves (the latest record per
+    /// key); a crash half-way leaves old records followed by the copy, which replays to
+    /// the same offsets.
+    pub async fn compact(&self, partition: u32, live: &OffsetMap) -> Result<()> {
+        let p = self.partition(partition)?;
         let start = p.roll().await?;
         let records: Vec<(&str, &Tp, Option<&Committed>)> = live
             .iter()
@@ -209,13 +225,17 @@ impl OffsetStore {
                 .await?;
         }
         let start_now = p.delete_before(start).await?;
-        tracing::info!(log_start_offset = start_now, "compacted {OFFSETS_TOPIC}");
+        tracing::info!(
+            partition,
+            log_start_offset = start_now,
+            "compacted {OFFSETS_TOPIC}"
+        );
         Ok(())
     }
 
-    /// Records in the topic now (log end minus log start).
-    pub fn records(&self) -> u64 {
-        self.partition().map_or(0, |p| {
+    /// Records in one partition now (log end minus log start).
+    pub fn records(&self, partition: u32) -> u64 {
+        self.partition(partition).map_or(0, |p| {
             let s = p.state();
             s.log_end_offset.saturating_sub(s.log_start_offset)
         })

@@ -52,7 +52,10 @@ impl FetchService for FetchSvc {
     ) -> Result<Response<FetchResponse>, Status> {
         let req = request.into_inner();
         // Only the coordinator knows the group; fetches elsewhere are not checked.
-        let member = req.member.as_ref().filter(|_| self.ctx.groups.is_active());
+        let member = req
+            .member
+            .as_ref()
+            .filter(|m| self.ctx.groups.coordinates(&m.group_id));
         if let Some(m) = member {
             // A group member may read only what the coordinator gave it.
             let mut tps = Vec::with_capacity(req.partitions.len());

@@ -73,7 +73,7 @@ impl Context {
     }
 
     /// The broker coordinating `group` (id and address): this one on a single broker;
-    /// in a cluster, the leader of the replicated offsets topic.
+    /// in a cluster, the leader of the offsets partition the group hashes to.
     pub fn coordinator(&self, group: &str) -> Result<(u64, String), BrokerError> {
         let Some(c) = &self.controller else {
             return Ok((
@@ -85,7 +85,10 @@ impl Context {
         let leader = md
             .topics
             .get(OFFSETS_TOPIC)
-            .and_then(|t| t.partitions.first())
+            .and_then(|t| {
+                let i = crate::group::offsets_partition(group, t.partitions.len() as u32);
+                t.partitions.get(i as usize)
+            })
             .map_or(0, |p| p.leader);
         match md.brokers.get(&leader) {
             Some(b) if leader != 0 => Ok((leader, b.address.clone())),
@@ -98,9 +101,9 @@ impl Context {
     }
 
     /// Fails with `NotCoordinator` (naming the coordinator) unless this broker
-    /// coordinates groups now.
+    /// coordinates `group` now.
     pub fn check_coordinator(&self, group: &str) -> Result<(), BrokerError> {
-        if self.groups.is_active() {
+        if self.groups.coordinates(group) {
             return Ok(());
         }
         let (coordinator, address) = match self.coordinator(group) {
