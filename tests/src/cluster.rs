@@ -1,4 +1,4 @@
-//! Three-broker clusters on 127.0.0.1 for tests: addresses chosen before start (members
+//! Broker clusters on 127.0.0.1 for tests: addresses chosen before start (members
 //! must know each other), the quorum flag, and bounded waits on what `sluice` reports.
 
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Three brokers' data folders, addresses and the quorum flag naming them.
+/// The brokers' data folders, addresses and the quorum flag naming them.
 pub struct Quorum {
     dir: tempfile::TempDir,
     /// Broker `i`'s address (node id `i + 1`).
@@ -27,7 +27,12 @@ pub struct Quorum {
 impl Quorum {
     /// Three members; `extra` flags are given to every broker.
     pub fn new(extra: &[&str]) -> Quorum {
-        let addrs: Vec<String> = (0..3)
+        Quorum::of(3, extra)
+    }
+
+    /// `n` members; `extra` flags are given to every broker.
+    pub fn of(n: usize, extra: &[&str]) -> Quorum {
+        let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
         let flag = addrs

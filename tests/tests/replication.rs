@@ -151,10 +151,16 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Every replica's log of `topic`-0 is the same, byte for byte (bounded wait).
 fn assert_identical(q: &Quorum, topic: &str) {
+    assert_identical_on(q, topic, &[0, 1, 2]);
+}
+
+/// The logs of `topic`-0 on brokers `on` (indexes) are the same, byte for byte.
+fn assert_identical_on(q: &Quorum, topic: &str, on: &[usize]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let logs: Vec<Vec<u8>> = (0..3)
-            .map(|i| log_bytes(&q.data_dir(i), topic, 0))
+        let logs: Vec<Vec<u8>> = on
+            .iter()
+            .map(|&i| log_bytes(&q.data_dir(i), topic, 0))
             .collect();
         if logs.iter().all(|l| *l == logs[0]) {
             return;
@@ -437,6 +443,118 @@ fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    for b in brokers.into_iter().flatten() {
+        b.sigkill();
+    }
+}
+
+/// No replica outside the ISR is elected unless the topic asks for unclean election;
+/// once it does, the out-of-sync replica leads (losing what it never copied), and the
+/// old leader, back, truncates to it. Five brokers, so the controller quorum outlives
+/// both replicas of the partition.
+#[test]
+fn an_out_of_sync_replica_leads_only_with_unclean_election() {
+    let q = Quorum::of(5, &[]);
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..5).map(|i| Some(q.start(i))).collect();
+    wait_for_brokers(&q.addrs[0], &[1, 2, 3, 4, 5], None);
+    ok(&sluice(
+        &q.addrs[0],
+        &["topic", "create", "u", "-p", "1", "-r", "2"],
+        "",
+    ));
+    let v = wait_partition(&[&q.addrs[0]], "u", 0, 10, |v| {
+        v.leader > 0 && v.isr.len() == 2
+    });
+    let leader = (v.leader - 1) as usize;
+    let follower = (v
+        .replicas
+        .iter()
+        .find(|&&r| r != v.leader)
+        .expect("follower")
+        - 1) as usize;
+    let other = (0..5)
+        .find(|i| *i != leader && *i != follower)
+        .expect("a broker without a replica");
+    let via = q.addrs[other].clone();
+    ok(&sluice(
+        &via,
+        &["produce", "u", "--acks", "all"],
+        &numbered(0, 10),
+    ));
+    wait_partition(&[&via], "u", 0, 10, |v| v.high_watermark == 10);
+
+    // The follower dies and leaves the ISR; the leader alone takes five more.
+    brokers[follower].take().expect("running").sigkill();
+    wait_partition(&[&via], "u", 0, 20, |v| v.isr == vec![v.leader]);
+    ok(&sluice(
+        &via,
+        &["produce", "u", "--acks", "1"],
+        &numbered(10, 15),
+    ));
+    wait_partition(&[&via], "u", 0, 10, |v| v.high_watermark == 15);
+
+    // The leader dies too, and the follower returns out of sync: no leader.
+    brokers[leader].take().expect("running").sigkill();
+    wait_partition(&[&via], "u", 0, 20, |v| v.leader <= 0);
+    brokers[follower] = Some(q.start(follower));
+    let alive: Vec<i64> = (1..=5).filter(|&id| id != v.leader).collect();
+    wait_for_brokers(&via, &alive, Some(v.leader));
+    // Several controller rounds pass (it checks every 250 ms) and the partition stays
+    // offline.
+    for _ in 0..10 {
+        let now = describe(&via, "u").expect("describe");
+        assert!(
+            now[0].leader <= 0,
+            "elected without unclean election: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let refused = sluice(
+        &via,
+        &[
+            "produce",
+            "u",
+            "--acks",
+            "1",
+            "--delivery-timeout-ms",
+            "2000",
+        ],
+        "lost\n",
+    );
+    assert!(
+        !refused.status.success(),
+        "a partition without a leader took a write"
+    );
+
+    // The topic allows unclean election: the returned follower leads in a new epoch,
+    // without the five records it never copied.
+    ok(&sluice(
+        &via,
+        &[
+            "topic",
+            "alter",
+            "u",
+            "-c",
+            "unclean.leader.election.enable=true",
+        ],
+        "",
+    ));
+    let elected = wait_partition(&[&via], "u", 0, 20, |now| {
+        now.leader == (follower + 1) as i64
+    });
+    assert!(elected.epoch > v.epoch, "{elected:?} after {v:?}");
+    ok(&sluice(
+        &via,
+        &["produce", "u", "--acks", "1"],
+        &numbered(20, 23),
+    ));
+    let want: Vec<String> = (0..10).chain(20..23).map(|i| format!("r{i}")).collect();
+    assert_eq!(consume_all(&via, "u", want.len()), want);
+
+    // The old leader returns as a follower: its five records go, the new ones come.
+    brokers[leader] = Some(q.start(leader));
+    wait_partition(&[&via], "u", 0, 30, |v| v.isr.len() == 2);
+    assert_identical_on(&q, "u", &[leader, follower]);
     for b in brokers.into_iter().flatten() {
         b.sigkill();
     }
