@@ -559,3 +559,57 @@ fn an_out_of_sync_replica_leads_only_with_unclean_election() {
         b.sigkill();
     }
 }
+
+/// A broker away while one topic was deleted and another deleted and created again
+/// drops its copies when it returns, and copies the new topic from scratch.
+#[test]
+fn a_returning_broker_drops_topics_deleted_while_it_was_away() {
+    let q = Quorum::new(&[]);
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
+    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    for t in ["gone", "again"] {
+        create_rf3(&q.addrs[0], t);
+        ok(&sluice(
+            &q.addrs[0],
+            &["produce", t, "--acks", "all"],
+            &numbered(0, 5),
+        ));
+        wait_partition(&[&q.addrs[0]], t, 0, 10, |v| v.high_watermark == 5);
+    }
+    let away = q.data_dir(2);
+    assert!(away.join("gone-0").exists() && away.join("again-0").exists());
+
+    brokers[2].take().expect("running").sigkill();
+    wait_for_brokers(&q.addrs[0], &[1, 2], Some(3));
+    for t in ["gone", "again"] {
+        ok(&sluice(&q.addrs[0], &["topic", "delete", t], ""));
+    }
+    ok(&sluice(
+        &q.addrs[0],
+        &["topic", "create", "again", "-p", "1", "-r", "3"],
+        "",
+    ));
+    wait_partition(&[&q.addrs[0]], "again", 0, 10, |v| v.leader > 0);
+    ok(&sluice(
+        &q.addrs[0],
+        &["produce", "again", "--acks", "all"],
+        &numbered(100, 103),
+    ));
+
+    brokers[2] = Some(q.start(2));
+    wait_partition(&[&q.addrs[0]], "again", 0, 30, |v| v.isr.len() == 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while away.join("gone-0").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the returned broker kept a topic deleted while it was away"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_identical(&q, "again");
+    let want: Vec<String> = (100..103).map(|i| format!("r{i}")).collect();
+    assert_eq!(consume_all(&q.addrs[2], "again", 3), want);
+    for b in brokers.into_iter().flatten() {
+        b.sigkill();
+    }
+}

@@ -130,6 +130,10 @@ pub struct TopicRecord {
     pub replication_factor: u32,
     /// Config overrides.
     pub configs: BTreeMap<String, String>,
+    /// Unique over the cluster's life: a topic deleted and created again under its name
+    /// gets a new id, so a broker that was away knows its old copy is not this topic.
+    #[serde(default)]
+    pub id: u64,
 }
 
 /// The whole metadata state.
@@ -142,6 +146,9 @@ pub struct Metadata {
     /// Topics by name.
     #[serde(default)]
     pub topics: BTreeMap<String, TopicRecord>,
+    /// The id of the last topic created.
+    #[serde(default)]
+    pub last_topic_id: u64,
 }
 
 /// Why a command was refused, as every member computes it the same way.
@@ -223,12 +230,14 @@ impl Metadata {
                 let parts = (0..partitions)
                     .map(|p| PartitionRecord::new(place(&name, p, replication_factor, &brokers)))
                     .collect();
+                self.last_topic_id += 1;
                 self.topics.insert(
                     name,
                     TopicRecord {
                         partitions: parts,
                         replication_factor,
                         configs,
+                        id: self.last_topic_id,
                     },
                 );
             }

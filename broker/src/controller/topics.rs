@@ -36,6 +36,7 @@ pub async fn create(
             replication_factor: 1,
             configs: configs.clone(),
             validate_only: true,
+            topic_id: 0,
         })
         .await?;
     let brokers = c.metadata().brokers.len() as u32;
@@ -139,16 +140,39 @@ async fn wait_local(
 }
 
 /// Keeps this broker's topics in step with the metadata log: opens what was created or
-/// grown, applies config changes, and deletes what the log deleted. A topic the log
-/// never named is left alone (it may be local, like `__consumer_offsets`).
+/// grown, applies config changes, and deletes what the log deleted — also what it
+/// deleted (or deleted and created again under a new id) while this broker was away.
+/// A topic the log never named (one from before this broker joined a cluster) is left
+/// alone.
 pub async fn follow(c: Controller, topics: Topics, mut replication: Replication) {
     let mut rx = c.metadata_watch();
-    let mut known: BTreeMap<String, usize> = BTreeMap::new();
     loop {
         let md = rx.borrow_and_update().clone();
+        // A restarted broker replays its own Raft log first: until it has heard from
+        // the active controller and applied what that one committed, its view may be
+        // stale (it could still see itself leading an epoch long over, or miss a
+        // deletion), so roles and deletions wait for that.
+        let current = c
+            .status()
+            .await
+            .is_ok_and(|s| s.leader.is_some() && s.applied >= s.commit);
+        if current {
+            for (name, l) in &topics.metadata().topics {
+                let id = l.meta.topic_id;
+                if id == 0 || md.topics.get(name).is_some_and(|t| t.id == id) {
+                    continue;
+                }
+                tracing::info!(topic = %name, id, "deleting a replica of a topic the cluster deleted");
+                if let Err(e) = topics.delete(name.clone()).await {
+                    tracing::error!(topic = %name, error = %e, "could not delete a topic the metadata log deleted");
+                }
+            }
+        }
         let local = topics.metadata();
         for (name, t) in &md.topics {
             let result = match local.topics.get(name) {
+                // A replica of an older topic of this name waits for its deletion.
+                Some(l) if l.meta.topic_id != 0 && l.meta.topic_id != t.id => Ok(()),
                 None => topics
                     .create(NewTopic {
                         name: name.clone(),
@@ -156,6 +180,7 @@ pub async fn follow(c: Controller, topics: Topics, mut replication: Replication)
                         replication_factor: 1,
                         configs: t.configs.clone(),
                         validate_only: false,
+                        topic_id: t.id,
                     })
                     .await
                     .map(|_| ()),
@@ -181,28 +206,7 @@ pub async fn follow(c: Controller, topics: Topics, mut replication: Replication)
             if let Err(e) = result {
                 tracing::error!(topic = %name, error = %e, "could not follow the metadata log for a topic");
             }
-            known.insert(name.clone(), t.partitions.len());
         }
-        let deleted: Vec<String> = known
-            .keys()
-            .filter(|n| !md.topics.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in deleted {
-            known.remove(&name);
-            if local.topics.contains_key(&name) {
-                if let Err(e) = topics.delete(name.clone()).await {
-                    tracing::error!(topic = %name, error = %e, "could not delete a topic the metadata log deleted");
-                }
-            }
-        }
-        // A restarted broker replays its own Raft log first: until it has heard from
-        // the active controller and applied what that one committed, the roles in it
-        // may be stale (it could still see itself leading an epoch long over).
-        let current = c
-            .status()
-            .await
-            .is_ok_and(|s| s.leader.is_some() && s.applied >= s.commit);
         if current {
             replication.apply(&md, &topics).await;
         }

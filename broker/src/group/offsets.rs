@@ -117,6 +117,7 @@ impl OffsetStore {
                     replication_factor: 0,
                     configs: [("retention.ms".to_string(), "-1".to_string())].into(),
                     validate_only: false,
+                    topic_id: 0,
                 })
                 .await;
             match created {

@@ -188,6 +188,7 @@ impl AdminService for AdminSvc {
                     replication_factor: i64::from(req.replication_factor),
                     configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
                     validate_only: req.validate_only,
+                    topic_id: 0,
                 })
                 .await?;
             Ok::<_, BrokerError>(CreateTopicResponse {

@@ -133,6 +133,7 @@ impl Context {
                 replication_factor: 0,
                 configs: Default::default(),
                 validate_only: false,
+                topic_id: 0,
             })
             .await;
         match created {

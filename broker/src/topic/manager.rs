@@ -71,6 +71,8 @@ pub struct NewTopic {
     pub configs: BTreeMap<String, String>,
     /// Only check that the topic could be created.
     pub validate_only: bool,
+    /// The cluster's id for this topic (0: a topic of this broker alone).
+    pub topic_id: u64,
 }
 
 enum AdminCommand {
@@ -366,6 +368,7 @@ impl Owner {
             replication_factor: replication_factor as u32,
             configs: t.configs,
             created_ms: now_ms(),
+            topic_id: t.topic_id,
         };
         let config = self.resolve(&meta)?;
         if t.validate_only {

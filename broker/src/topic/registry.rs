@@ -20,6 +20,10 @@ pub struct TopicMeta {
     pub configs: BTreeMap<String, String>,
     /// Creation time, ms since the epoch.
     pub created_ms: i64,
+    /// The cluster's id for this topic, telling it from an older topic of the same
+    /// name (0: created on this broker alone).
+    #[serde(default)]
+    pub topic_id: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +97,7 @@ mod tests {
                 replication_factor: 1,
                 configs: [("retention.ms".to_string(), "1000".to_string())].into(),
                 created_ms: 5,
+                topic_id: 7,
             },
         );
         store(dir.path(), &topics).expect("store");
