@@ -67,17 +67,22 @@ pub struct Admin {
     admin: AdminServiceClient<Channel>,
     fetch: FetchServiceClient<Channel>,
     groups: GroupServiceClient<Channel>,
+    /// The brokers connected through, tried again when a group's coordinator is gone.
+    bootstrap: String,
 }
 
 impl Admin {
     /// Connects to the first reachable broker of `brokers`.
     pub async fn connect(brokers: &str) -> Result<Admin> {
-        Ok(Admin::with_channel(connect(brokers).await?))
+        let mut admin = Admin::with_channel(connect(brokers).await?);
+        admin.bootstrap = brokers.to_string();
+        Ok(admin)
     }
 
     /// Uses an existing channel.
     pub fn with_channel(channel: Channel) -> Admin {
         Admin {
+            bootstrap: String::new(),
             admin: AdminServiceClient::new(channel.clone()),
             groups: GroupServiceClient::new(channel.clone()),
             fetch: FetchServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -132,36 +137,48 @@ impl Admin {
     /// A group's state, members, assignment, and per partition its committed offset,
     /// log end offset and lag.
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
-        at_coordinator(&mut self.groups.clone(), |mut c| async move {
-            c.describe_group(DescribeGroupRequest {
-                group_id: group.to_string(),
-            })
-            .await
-        })
+        at_coordinator(
+            &mut self.groups.clone(),
+            &self.bootstrap,
+            |mut c| async move {
+                c.describe_group(DescribeGroupRequest {
+                    group_id: group.to_string(),
+                })
+                .await
+            },
+        )
         .await
     }
 
     /// Deletes a group with no members, and its committed offsets.
     pub async fn delete_group(&self, group: &str) -> Result<()> {
-        at_coordinator(&mut self.groups.clone(), |mut c| async move {
-            c.delete_group(DeleteGroupRequest {
-                group_id: group.to_string(),
-            })
-            .await
-        })
+        at_coordinator(
+            &mut self.groups.clone(),
+            &self.bootstrap,
+            |mut c| async move {
+                c.delete_group(DeleteGroupRequest {
+                    group_id: group.to_string(),
+                })
+                .await
+            },
+        )
         .await?;
         Ok(())
     }
 
     /// A group's committed offsets, as ((topic, partition), offset).
     pub async fn group_offsets(&self, group: &str) -> Result<Vec<((String, u32), u64)>> {
-        let resp = at_coordinator(&mut self.groups.clone(), |mut c| async move {
-            c.fetch_offsets(FetchOffsetsRequest {
-                group_id: group.to_string(),
-                partitions: Vec::new(),
-            })
-            .await
-        })
+        let resp = at_coordinator(
+            &mut self.groups.clone(),
+            &self.bootstrap,
+            |mut c| async move {
+                c.fetch_offsets(FetchOffsetsRequest {
+                    group_id: group.to_string(),
+                    partitions: Vec::new(),
+                })
+                .await
+            },
+        )
         .await?;
         Ok(resp
             .offsets
@@ -200,7 +217,7 @@ impl Admin {
             member_epoch: 0,
             offsets,
         };
-        at_coordinator(&mut self.groups.clone(), |mut c| {
+        at_coordinator(&mut self.groups.clone(), &self.bootstrap, |mut c| {
             let r = request.clone();
             async move { c.commit_offsets(r).await }
         })

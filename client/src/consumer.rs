@@ -374,6 +374,7 @@ impl Consumer {
                     self.config.group_assignor.clone(),
                     topics,
                     pattern,
+                    self.config.brokers.clone(),
                 ));
             }
         }
@@ -401,12 +402,13 @@ impl Consumer {
     pub fn commit_async(&mut self) -> tokio::task::JoinHandle<Result<()>> {
         let request = self.commit_request(&self.current_positions());
         let mut client = self.groups.clone();
+        let bootstrap = self.config.brokers.clone();
         self.last_commit = std::time::Instant::now();
         tokio::spawn(async move {
             match request {
                 Some(r) => {
                     let r = r?;
-                    at_coordinator(&mut client, |mut c| {
+                    at_coordinator(&mut client, &bootstrap, |mut c| {
                         let r = r.clone();
                         async move { c.commit_offsets(r).await }
                     })
@@ -424,7 +426,7 @@ impl Consumer {
         match self.commit_request(offsets) {
             Some(r) => {
                 let r = r?;
-                at_coordinator(&mut self.groups, |mut c| {
+                at_coordinator(&mut self.groups, &self.config.brokers, |mut c| {
                     let r = r.clone();
                     async move { c.commit_offsets(r).await }
                 })
@@ -443,7 +445,7 @@ impl Consumer {
             group_id: group,
             partitions: to_wire(&set),
         };
-        let resp = at_coordinator(&mut self.groups, |mut c| {
+        let resp = at_coordinator(&mut self.groups, &self.config.brokers, |mut c| {
             let r = request.clone();
             async move { c.fetch_offsets(r).await }
         })

@@ -72,6 +72,18 @@ impl ClientError {
         }
     }
 
+    /// Whether the broker could not be reached or the connection broke (rather than
+    /// the broker answering).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ClientError::Rpc { code, .. } => {
+                matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+            }
+            ClientError::Connect { .. } => true,
+            _ => false,
+        }
+    }
+
     /// A metadata value the broker attached, as text.
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         match self {

@@ -12,7 +12,7 @@ use sluice_proto::ErrorReason;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
-use crate::connection::endpoint;
+use crate::connection::{connect_first, endpoint};
 use crate::consumer::TopicPartition;
 use crate::error::{ClientError, Result};
 
@@ -61,24 +61,39 @@ pub(crate) struct Membership {
 
 /// Runs a group call on `client`; when the broker answers that it does not coordinate
 /// the group and names the one that does, `client` moves there and the call is made
-/// again.
+/// again. When the broker cannot be reached (the coordinator died, say), `client`
+/// starts over at the first reachable broker of `bootstrap` (if given), which names
+/// the coordinator now.
 pub(crate) async fn at_coordinator<T, F, Fut>(
     client: &mut GroupServiceClient<Channel>,
+    bootstrap: &str,
     call: F,
 ) -> Result<T>
 where
     F: Fn(GroupServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 {
-    let err = match call(client.clone()).await {
-        Ok(r) => return Ok(r.into_inner()),
-        Err(status) => ClientError::from(status),
-    };
-    let Some(addr) = moved_to(&err) else {
-        return Err(err);
-    };
-    *client = GroupServiceClient::new(coordinator_channel(&addr)?);
-    Ok(call(client.clone()).await?.into_inner())
+    let mut moved = false;
+    let mut restarted = bootstrap.is_empty();
+    loop {
+        let err = match call(client.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(status) => ClientError::from(status),
+        };
+        match moved_to(&err) {
+            Some(addr) if !moved => {
+                moved = true;
+                *client = GroupServiceClient::new(coordinator_channel(&addr)?);
+            }
+            None if err.is_unreachable() && !restarted => {
+                restarted = true;
+                moved = false;
+                let (_, channel) = connect_first(bootstrap).await?;
+                *client = GroupServiceClient::new(channel);
+            }
+            _ => return Err(err),
+        }
+    }
 }
 
 /// The coordinator a NOT_COORDINATOR answer names.
@@ -130,6 +145,7 @@ impl Membership {
         assignor: String,
         topics: BTreeSet<String>,
         pattern: String,
+        bootstrap: String,
     ) -> Membership {
         let client = GroupServiceClient::new(channel);
         let shared = Arc::new(Shared {
@@ -146,6 +162,7 @@ impl Membership {
             group.clone(),
             assignor.clone(),
             Arc::clone(&shared),
+            bootstrap,
         ));
         Membership {
             group,
@@ -262,11 +279,13 @@ async fn heartbeat_loop(
     group: String,
     assignor: String,
     shared: Arc<Shared>,
+    bootstrap: String,
 ) {
     let mut interval = Duration::from_secs(3);
     // The broker the consumer joined through: it names the coordinator if the one
-    // moved to stops answering.
-    let home = client.clone();
+    // moved to stops answering. If it stops answering itself, another bootstrap
+    // broker takes its place.
+    let mut home = client.clone();
     loop {
         let req = {
             let st = shared.lock();
@@ -323,8 +342,14 @@ async fn heartbeat_loop(
                     wait = Duration::ZERO;
                 } else {
                     tracing::warn!(group = %group, error = %err, "heartbeat failed");
-                    if err.reason().is_none() && shared.lock().coordinator.take().is_some() {
-                        client = home.clone();
+                    if err.is_unreachable() {
+                        if shared.lock().coordinator.take().is_some() {
+                            client = home.clone();
+                        } else if let Ok((addr, channel)) = connect_first(&bootstrap).await {
+                            tracing::info!(group = %group, broker = %addr, "heartbeating through another broker");
+                            home = GroupServiceClient::new(channel);
+                            client = home.clone();
+                        }
                     }
                     // Retry sooner than a full interval, but without hammering.
                     wait = (interval / 3).max(Duration::from_millis(100));

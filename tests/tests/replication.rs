@@ -613,3 +613,89 @@ fn a_returning_broker_drops_topics_deleted_while_it_was_away() {
         b.sigkill();
     }
 }
+
+/// A group member whose first bootstrap broker, which also coordinates its group, is
+/// SIGKILLed carries on through the other bootstrap brokers: it reads every record and
+/// commits at the new coordinator when it stops.
+#[test]
+fn a_member_outlives_its_bootstrap_broker_and_coordinator() {
+    use std::collections::BTreeSet;
+    use std::process::Command;
+    use std::time::Instant;
+
+    use sluice_tests::binaries::binary;
+    use sluice_tests::process::ChildProcess;
+
+    let q = Quorum::new(&[]);
+    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
+    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let v = create_rf3(&q.addrs[0], "feed");
+    let lead = q.addrs[(v.leader - 1) as usize].clone();
+    // A group coordinated by a broker that does not lead the data partition.
+    let home_id = (1..=3).find(|id| *id != v.leader).expect("a follower");
+    let group = (0..1000)
+        .map(|i| format!("cg{i}"))
+        .find(|g| group_coordinator(&q.addrs[0], g, 20, |_| true) == home_id)
+        .expect("a group coordinated by the follower");
+    let home = (home_id - 1) as usize;
+    let mut bootstrap = vec![q.addrs[home].clone()];
+    bootstrap.extend((0..3).filter(|i| *i != home).map(|i| q.addrs[i].clone()));
+
+    let mut cmd = Command::new(binary("sluice"));
+    cmd.args(["consume", "feed", "--group", &group, "--from-beginning"])
+        .env("SLUICE_BROKERS", bootstrap.join(","))
+        .env("RUST_LOG", "error");
+    let mut consumer = ChildProcess::spawn(cmd).expect("spawn sluice consume");
+    let mut seen = BTreeSet::new();
+    let mut read_until = |n: u32, secs: u64| {
+        let want: BTreeSet<String> = (0..n).map(|i| format!("r{i}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !want.is_subset(&seen) {
+            assert!(
+                Instant::now() < deadline,
+                "the member read {} of {n} records",
+                want.intersection(&seen).count()
+            );
+            if let Some(line) = consumer.next_line(Duration::from_millis(200)) {
+                seen.insert(line);
+            }
+        }
+    };
+    ok(&sluice(
+        &lead,
+        &["produce", "feed", "--acks", "all"],
+        &numbered(0, 50),
+    ));
+    read_until(50, 30);
+
+    brokers[home].take().expect("running").sigkill();
+    ok(&sluice(
+        &lead,
+        &["produce", "feed", "--acks", "all"],
+        &numbered(50, 100),
+    ));
+    read_until(100, 60);
+
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    let rc = unsafe { libc::kill(consumer.pid() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = consumer
+        .wait(Duration::from_secs(30))
+        .expect("consumer exits");
+    assert!(status.success(), "the member closed cleanly: {status:?}");
+    let out = ok(&sluice(
+        &lead,
+        &["--output", "json", "group", "describe", &group],
+        "",
+    ));
+    let d: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        d["offsets"][0]["committed_offset"].as_i64(),
+        Some(100),
+        "committed at the new coordinator: {d}"
+    );
+    for b in brokers.into_iter().flatten() {
+        b.sigkill();
+    }
+}
