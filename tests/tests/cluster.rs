@@ -224,9 +224,25 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
     want.sort_unstable();
     assert_eq!(values, want);
 
+    // A partition with one replica: brokers without it describe the leader's offsets.
+    sluice_ok(
+        &addrs[0],
+        &["topic", "create", "single", "-p", "1", "-r", "1"],
+    );
+    ok(&sluice(&addrs[0], &["produce", "single"], "a\nb\nc\n"));
+    for a in addrs {
+        let v = describe(a, "single").expect("describe");
+        assert_eq!(
+            (v[0].high_watermark, v[0].log_end_offset),
+            (3, 3),
+            "via {a}"
+        );
+    }
+
     // Groups hash over the offsets partitions, so their coordinators are spread over
     // the brokers: one group per broker, each read and committed through `via`, each
-    // described and all listed through any broker.
+    // described (with the lag of partitions its coordinator holds no replica of) and
+    // all listed through any broker.
     let mut groups: Vec<(i64, String)> = Vec::new();
     for i in 0.. {
         let g = format!("g{i}");
@@ -243,22 +259,24 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
         );
     }
     for (_, g) in &groups {
-        let read = ok(&sluice(
-            via,
-            &[
-                "consume",
-                "orders",
-                "--group",
-                g,
-                "--from-beginning",
-                "--max-messages",
-                "31",
-                "--timeout-ms",
-                "20000",
-            ],
-            "",
-        ));
-        assert_eq!(read.lines().count(), 31, "group {g}");
+        for (topic, n) in [("orders", "31"), ("single", "3")] {
+            let read = ok(&sluice(
+                via,
+                &[
+                    "consume",
+                    topic,
+                    "--group",
+                    g,
+                    "--from-beginning",
+                    "--max-messages",
+                    n,
+                    "--timeout-ms",
+                    "20000",
+                ],
+                "",
+            ));
+            assert_eq!(read.lines().count().to_string(), n, "group {g}");
+        }
     }
     for (i, (_, g)) in groups.iter().enumerate() {
         let out = ok(&sluice(
@@ -267,13 +285,19 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
             "",
         ));
         let d: serde_json::Value = serde_json::from_str(&out).expect("json");
-        let committed: i64 = d["offsets"]
-            .as_array()
-            .expect("offsets")
-            .iter()
-            .filter_map(|o| o["committed_offset"].as_i64())
-            .sum();
-        assert_eq!(committed, 31, "group {g} committed everything it read: {d}");
+        let sum = |field: &str| -> i64 {
+            d["offsets"]
+                .as_array()
+                .expect("offsets")
+                .iter()
+                .filter_map(|o| o[field].as_i64())
+                .sum()
+        };
+        assert_eq!(
+            (sum("committed_offset"), sum("log_end_offset"), sum("lag")),
+            (34, 34, 0),
+            "group {g} committed everything it read: {d}"
+        );
     }
     let listed = ok(&sluice(&addrs[2], &["group", "list"], ""));
     for (_, g) in &groups {
@@ -282,21 +306,6 @@ fn topics_go_through_the_controller_and_survive_its_loss() {
                 .lines()
                 .any(|l| l.split_whitespace().next() == Some(g)),
             "{g} listed:\n{listed}"
-        );
-    }
-
-    // A partition with one replica: brokers without it describe the leader's offsets.
-    sluice_ok(
-        &addrs[0],
-        &["topic", "create", "single", "-p", "1", "-r", "1"],
-    );
-    ok(&sluice(&addrs[0], &["produce", "single"], "a\nb\nc\n"));
-    for a in addrs {
-        let v = describe(a, "single").expect("describe");
-        assert_eq!(
-            (v[0].high_watermark, v[0].log_end_offset),
-            (3, 3),
-            "via {a}"
         );
     }
 

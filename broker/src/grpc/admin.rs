@@ -73,45 +73,43 @@ impl AdminSvc {
     }
 }
 
-impl AdminSvc {
-    /// In a cluster, a partition's offsets are its leader's: for partitions led
-    /// elsewhere they are asked of the leader (-1 when it does not answer), since this
-    /// broker's replica may lag or hold nothing.
-    async fn leaders_offsets(&self, topics: &mut [TopicDescription]) {
-        let Some(c) = &self.ctx.controller else {
-            return;
+/// In a cluster, a partition's offsets are its leader's: for partitions led elsewhere
+/// they are asked of the leader (-1 when it does not answer), since this broker's
+/// replica may lag or hold nothing.
+pub(super) async fn leaders_offsets(ctx: &Context, topics: &mut [TopicDescription]) {
+    let Some(c) = &ctx.controller else {
+        return;
+    };
+    let me = c.id() as i32;
+    let mut leaders: Vec<i32> = topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|p| p.leader))
+        .filter(|l| *l != me)
+        .collect();
+    leaders.sort_unstable();
+    leaders.dedup();
+    let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+    let md = c.metadata();
+    for leader in leaders {
+        let address = c
+            .peer_address(leader as u64)
+            .map(str::to_string)
+            .or_else(|| md.brokers.get(&(leader as u64)).map(|b| b.address.clone()));
+        let theirs = match address {
+            Some(a) => ask_offsets(&a, names.clone()).await,
+            None => None,
         };
-        let me = c.id() as i32;
-        let mut leaders: Vec<i32> = topics
-            .iter()
-            .flat_map(|t| t.partitions.iter().map(|p| p.leader))
-            .filter(|l| *l != me)
-            .collect();
-        leaders.sort_unstable();
-        leaders.dedup();
-        let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
-        let md = c.metadata();
-        for leader in leaders {
-            let address = c
-                .peer_address(leader as u64)
-                .map(str::to_string)
-                .or_else(|| md.brokers.get(&(leader as u64)).map(|b| b.address.clone()));
-            let theirs = match address {
-                Some(a) => ask_offsets(&a, names.clone()).await,
-                None => None,
-            };
-            for t in topics.iter_mut() {
-                let remote = theirs
-                    .as_ref()
-                    .and_then(|r| r.iter().find(|d| d.name == t.name));
-                for p in t.partitions.iter_mut().filter(|p| p.leader == leader) {
-                    let found = remote
-                        .and_then(|d| d.partitions.iter().find(|q| q.partition == p.partition));
-                    (p.log_start_offset, p.high_watermark, p.log_end_offset) = match found {
-                        Some(q) => (q.log_start_offset, q.high_watermark, q.log_end_offset),
-                        None => (-1, -1, -1),
-                    };
-                }
+        for t in topics.iter_mut() {
+            let remote = theirs
+                .as_ref()
+                .and_then(|r| r.iter().find(|d| d.name == t.name));
+            for p in t.partitions.iter_mut().filter(|p| p.leader == leader) {
+                let found =
+                    remote.and_then(|d| d.partitions.iter().find(|q| q.partition == p.partition));
+                (p.log_start_offset, p.high_watermark, p.log_end_offset) = match found {
+                    Some(q) => (q.log_start_offset, q.high_watermark, q.log_end_offset),
+                    None => (-1, -1, -1),
+                };
             }
         }
     }
@@ -249,7 +247,7 @@ impl AdminService for AdminSvc {
         };
         let mut topics = topics;
         if !req.local_offsets && !req.allow_auto_create {
-            self.leaders_offsets(&mut topics).await;
+            leaders_offsets(&self.ctx, &mut topics).await;
         }
         Ok(Response::new(DescribeTopicsResponse { topics }))
     }

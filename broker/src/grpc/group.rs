@@ -9,7 +9,7 @@ use sluice_proto::v1::{
     DeleteGroupResponse, DescribeGroupRequest, DescribeGroupResponse, FetchOffsetsRequest,
     FetchOffsetsResponse, FindCoordinatorRequest, FindCoordinatorResponse, GroupListing,
     GroupMember, HeartbeatRequest, HeartbeatResponse, ListGroupsRequest, ListGroupsResponse,
-    PartitionLag, TopicPartitions,
+    PartitionDescription, PartitionLag, TopicDescription, TopicPartitions,
 };
 use tonic::{Request, Response, Status};
 
@@ -231,6 +231,7 @@ impl GroupService for GroupSvc {
             .describe(group)
             .await
             .map_err(|e| to_status(&e))?;
+        let ends = self.high_watermarks(&d.offsets).await;
         Ok(Response::new(DescribeGroupResponse {
             group_id: d.group,
             state: d.state.to_string(),
@@ -250,15 +251,20 @@ impl GroupService for GroupSvc {
             offsets: d
                 .offsets
                 .into_iter()
-                .map(|o| {
+                .zip(ends)
+                .map(|(o, end)| {
                     let committed = o.committed.map_or(-1, |c| c as i64);
-                    let end = o.log_end_offset as i64;
                     PartitionLag {
                         topic: o.tp.0,
                         partition: o.tp.1 as i32,
                         committed_offset: committed,
                         log_end_offset: end,
-                        lag: (end - committed.max(0)).max(0),
+                        // Unknown while the partition's leader does not answer.
+                        lag: if end < 0 {
+                            -1
+                        } else {
+                            (end - committed.max(0)).max(0)
+                        },
                         member_id: o.member_id.unwrap_or_default(),
                     }
                 })
@@ -280,5 +286,50 @@ impl GroupService for GroupSvc {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(DeleteGroupResponse {}))
+    }
+}
+
+impl GroupSvc {
+    /// Each partition's high watermark as its leader has it: the coordinator's own
+    /// replica may lag, or it may hold none (-1 where the leader does not answer).
+    async fn high_watermarks(&self, lags: &[crate::group::coordinator::PartitionLag]) -> Vec<i64> {
+        let local: Vec<i64> = lags.iter().map(|o| o.log_end_offset as i64).collect();
+        let Some(c) = &self.ctx.controller else {
+            return local;
+        };
+        let md = c.metadata();
+        let mut topics: Vec<TopicDescription> = Vec::new();
+        for o in lags {
+            let leader = md
+                .topics
+                .get(&o.tp.0)
+                .and_then(|t| t.partitions.get(o.tp.1 as usize))
+                .map_or(-1, |p| p.leader as i32);
+            let p = PartitionDescription {
+                partition: o.tp.1 as i32,
+                leader,
+                high_watermark: o.log_end_offset as i64,
+                ..PartitionDescription::default()
+            };
+            match topics.iter_mut().find(|t| t.name == o.tp.0) {
+                Some(t) => t.partitions.push(p),
+                None => topics.push(TopicDescription {
+                    name: o.tp.0.clone(),
+                    partitions: vec![p],
+                    ..TopicDescription::default()
+                }),
+            }
+        }
+        super::admin::leaders_offsets(&self.ctx, &mut topics).await;
+        lags.iter()
+            .zip(local)
+            .map(|(o, own)| {
+                topics
+                    .iter()
+                    .find(|t| t.name == o.tp.0)
+                    .and_then(|t| t.partitions.iter().find(|p| p.partition == o.tp.1 as i32))
+                    .map_or(own, |p| p.high_watermark)
+            })
+            .collect()
     }
 }

@@ -144,13 +144,10 @@ pub async fn run(global: &Global, command: GroupCommand) -> Result<(), CliError>
                                 vec![
                                     o.topic.clone(),
                                     o.partition.to_string(),
-                                    if o.committed_offset < 0 {
-                                        "-".to_string()
-                                    } else {
-                                        o.committed_offset.to_string()
-                                    },
-                                    o.log_end_offset.to_string(),
-                                    o.lag.to_string(),
+                                    or_dash(o.committed_offset),
+                                    // Unknown while the partition's leader is away.
+                                    or_dash(o.log_end_offset),
+                                    or_dash(o.lag),
                                     if o.member_id.is_empty() {
                                         "-".to_string()
                                     } else {
@@ -224,4 +221,13 @@ pub async fn run(global: &Global, command: GroupCommand) -> Result<(), CliError>
         }
     }
     Ok(())
+}
+
+/// A number, or `-` for the -1 that stands for none or unknown.
+fn or_dash(v: i64) -> String {
+    if v < 0 {
+        "-".to_string()
+    } else {
+        v.to_string()
+    }
 }
