@@ -63,6 +63,9 @@ const BROKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// A broker silent this long is shown as not alive.
 const BROKER_SESSION: Duration = Duration::from_secs(6);
 
+/// The folder of the data directory holding the controller's Raft log.
+const RAFT_DIR: &str = "raft";
+
 /// How long in-flight requests may take to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -112,7 +115,7 @@ impl Broker {
         let local_addr = listener
             .local_addr()
             .map_err(|e| BrokerError::Storage(format!("listener address: {e}")))?;
-        let manager = Arc::new(LogManager::open(&config.data_dir)?);
+        let manager = Arc::new(LogManager::open(&config.data_dir)?.with_other_folder(RAFT_DIR));
         let cluster_id = load_cluster_id(&config.data_dir)?;
         let defaults = TopicDefaults {
             config: config.topic_config().map_err(BrokerError::InvalidConfig)?,
@@ -142,7 +145,7 @@ impl Broker {
                 node_id: u64::from(config.node_id),
                 advertised_addr: config.advertised_addr.clone(),
                 quorum: config.controller_quorum.clone(),
-                dir: config.data_dir.join("raft"),
+                dir: config.data_dir.join(RAFT_DIR),
                 heartbeat_interval: BROKER_HEARTBEAT,
                 session_timeout: BROKER_SESSION,
                 cluster_id: cluster_id.clone(),

@@ -69,6 +69,8 @@ pub fn is_valid_topic_name(name: &str) -> bool {
 #[derive(Debug)]
 pub struct LogManager {
     dir: PathBuf,
+    /// Folders the owner keeps other things in, skipped without a warning.
+    others: Vec<String>,
     _lock: File,
 }
 
@@ -97,8 +99,15 @@ impl LogManager {
         }
         Ok(LogManager {
             dir: data_dir.to_path_buf(),
+            others: Vec::new(),
             _lock: lock,
         })
+    }
+
+    /// Marks a folder of the data directory as the owner's, not a partition's.
+    pub fn with_other_folder(mut self, name: &str) -> Self {
+        self.others.push(name.to_string());
+        self
     }
 
     /// The data directory.
@@ -119,7 +128,7 @@ impl LogManager {
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if !is_dir || name.ends_with(DELETE_SUFFIX) {
+            if !is_dir || name.ends_with(DELETE_SUFFIX) || self.others.iter().any(|o| *o == name) {
                 continue;
             }
             match TopicPartition::parse_dir_name(&name) {
