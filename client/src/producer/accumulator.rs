@@ -64,15 +64,35 @@ struct OpenBatch {
 
 struct TopicInfo {
     name: Arc<str>,
+    /// Partition count (0 until looked up, or after it was forgotten).
     partitions: u32,
     sticky: Option<u32>,
+    /// The open batch of each partition, by number: a send finds its batch with the
+    /// one topic lookup.
+    open: Vec<Option<OpenBatch>>,
+}
+
+impl TopicInfo {
+    fn new(name: &Arc<str>, partitions: u32) -> TopicInfo {
+        TopicInfo {
+            name: Arc::clone(name),
+            partitions,
+            sticky: None,
+            open: Vec::new(),
+        }
+    }
+
+    fn open_batches(&self) -> impl Iterator<Item = (u32, &OpenBatch)> {
+        (0u32..)
+            .zip(&self.open)
+            .filter_map(|(p, b)| b.as_ref().map(|b| (p, b)))
+    }
 }
 
 #[derive(Default)]
 struct State {
-    // Fx hashing: these maps are looked up on every send, with short trusted keys.
+    // Fx hashing: looked up on every send, with short trusted keys.
     topics: FxHashMap<Arc<str>, TopicInfo>,
-    open: FxHashMap<(Arc<str>, u32), OpenBatch>,
     ready: VecDeque<ReadyBatch>,
     buffered: usize,
     /// Batches opened and not yet finished (open, ready or in flight).
@@ -122,7 +142,11 @@ impl Accumulator {
     }
 
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
-        self.lock().topics.get(topic).map(|t| t.partitions)
+        self.lock()
+            .topics
+            .get(topic)
+            .map(|t| t.partitions)
+            .filter(|n| *n > 0)
     }
 
     pub fn set_partition_count(&self, topic: &Arc<str>, partitions: u32) {
@@ -130,23 +154,28 @@ impl Accumulator {
         let info = st
             .topics
             .entry(Arc::clone(topic))
-            .or_insert_with(|| TopicInfo {
-                name: Arc::clone(topic),
-                partitions,
-                sticky: None,
-            });
+            .or_insert_with(|| TopicInfo::new(topic, partitions));
         info.partitions = partitions;
     }
 
+    /// Forgets every partition count (open batches stay): the next send of each topic
+    /// looks it up again.
     pub fn forget_partition_counts(&self) {
-        self.lock().topics.clear();
+        for info in self.lock().topics.values_mut() {
+            info.partitions = 0;
+        }
     }
 
     /// Adds the record to its batch under one lock when its topic's partition count is
     /// known and the buffer has room (the common case); otherwise gives it back.
     pub fn try_append(&self, record: ProducerRecord) -> TryAppend {
         let mut st = self.lock();
-        let Some(partitions) = st.topics.get(&record.topic).map(|t| t.partitions) else {
+        let Some(partitions) = st
+            .topics
+            .get(&record.topic)
+            .map(|t| t.partitions)
+            .filter(|n| *n > 0)
+        else {
             return TryAppend::Blocked(record, Blocked::UnknownTopic);
         };
         if st.buffered >= self.config.buffer_memory {
@@ -192,114 +221,109 @@ impl Accumulator {
                 )));
             }
         }
-        let round_robin = st.round_robin;
         if !st.topics.contains_key(&record.topic) {
             st.topics.insert(
                 Arc::clone(&record.topic),
-                TopicInfo {
-                    name: Arc::clone(&record.topic),
-                    partitions,
-                    sticky: None,
-                },
+                TopicInfo::new(&record.topic, partitions),
             );
         }
-        let Some(info) = st.topics.get_mut(&record.topic) else {
+        let State {
+            topics,
+            ready,
+            buffered,
+            outstanding,
+            round_robin,
+            ..
+        } = st;
+        let Some(info) = topics.get_mut(&record.topic) else {
             unreachable!("the topic was inserted above")
         };
         let partition = match (record.partition, &record.key) {
             (Some(p), _) => p,
             (None, Some(key)) => partition_for_key(key, partitions),
-            (None, None) => *info.sticky.get_or_insert(round_robin % partitions.max(1)),
+            (None, None) => *info.sticky.get_or_insert(*round_robin % partitions.max(1)),
         };
-        let topic = Arc::clone(&info.name);
-        st.round_robin = st.round_robin.wrapping_add(1);
-        let key = (Arc::clone(&topic), partition);
+        *round_robin = round_robin.wrapping_add(1);
+        let slot = partition as usize;
+        if info.open.len() <= slot {
+            info.open.resize_with(slot + 1, || None);
+        }
         let estimate = record.key.as_ref().map_or(0, Bytes::len)
             + record.value.as_ref().map_or(0, Bytes::len)
             + 24;
-        let full = st.open.get(&key).is_some_and(|b| {
+        let full = info.open[slot].as_ref().is_some_and(|b| {
             !b.builder.is_empty() && b.builder.size_bytes() + estimate > self.config.batch_size
         });
         if full {
-            self.close_batch(st, &key);
+            self.close_batch(info, partition, ready, buffered, outstanding);
         }
-        if !st.open.contains_key(&key) {
-            let (slot, _) = watch::channel(None);
-            st.open.insert(
-                key.clone(),
-                OpenBatch {
-                    builder: RecordBatchBuilder::with_capacity(
-                        self.config.compression,
-                        self.config.batch_size.min(1 << 20),
-                    ),
-                    created: Instant::now(),
-                    slot,
-                },
-            );
-            st.outstanding += 1;
-            // The sender may be asleep with no batch to wait for: it must learn when this
-            // one's linger ends.
+        let open = info.open[slot].get_or_insert_with(|| {
+            *outstanding += 1;
+            // The sender may be asleep with no batch to wait for: it must learn when
+            // this one's linger ends.
             self.wake.notify_one();
-        }
-        let (index, added, size, outcome) = {
-            let Some(open) = st.open.get_mut(&key) else {
-                unreachable!("the open batch was inserted above")
-            };
-            let index = open.builder.len();
-            let added = open.builder.append(
-                record.timestamp.unwrap_or_else(now_ms),
-                record.key.as_deref(),
-                record.value.as_deref(),
-                &record.headers,
-            );
-            (
-                index,
-                added,
-                open.builder.size_bytes(),
-                open.slot.subscribe(),
-            )
-        };
-        st.buffered += added;
-        if size >= self.config.batch_size {
-            self.close_batch(st, &key);
+            OpenBatch {
+                builder: RecordBatchBuilder::with_capacity(
+                    self.config.compression,
+                    self.config.batch_size.min(1 << 20),
+                ),
+                created: Instant::now(),
+                slot: watch::channel(None).0,
+            }
+        });
+        let index = open.builder.len();
+        *buffered += open.builder.append(
+            record.timestamp.unwrap_or_else(now_ms),
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &record.headers,
+        );
+        let outcome = open.slot.subscribe();
+        if open.builder.size_bytes() >= self.config.batch_size {
+            self.close_batch(info, partition, ready, buffered, outstanding);
         }
         Ok(DeliveryFuture {
-            topic,
+            topic: Arc::clone(&info.name),
             partition,
             index,
             outcome,
         })
     }
 
-    /// Builds the open batch of `key` and queues it.
-    fn close_batch(&self, st: &mut State, key: &(Arc<str>, u32)) {
-        let Some(open) = st.open.remove(key) else {
+    /// Builds the open batch of a partition and queues it.
+    fn close_batch(
+        &self,
+        info: &mut TopicInfo,
+        partition: u32,
+        ready: &mut VecDeque<ReadyBatch>,
+        buffered: &mut usize,
+        outstanding: &mut usize,
+    ) {
+        let Some(open) = info.open.get_mut(partition as usize).and_then(Option::take) else {
             return;
         };
-        if let Some(info) = st.topics.get_mut(&*key.0) {
-            if info.sticky == Some(key.1) {
-                info.sticky = None;
-            }
+        if info.sticky == Some(partition) {
+            info.sticky = None;
         }
-        let buffered = open.builder.size_bytes();
+        let size = open.builder.size_bytes();
         match open.builder.build() {
             Ok(bytes) => {
-                st.ready.push_back(ReadyBatch {
-                    topic: Arc::clone(&key.0),
-                    partition: key.1,
+                ready.push_back(ReadyBatch {
+                    topic: Arc::clone(&info.name),
+                    partition,
                     bytes,
                     slot: open.slot,
                     attempts: 0,
                     created: open.created,
                     not_before: None,
-                    buffered,
+                    buffered: size,
                 });
                 self.wake.notify_one();
             }
             Err(e) => {
                 let _ = open.slot.send(Some(Err(e.into())));
-                st.buffered -= buffered.min(st.buffered);
-                st.outstanding -= 1;
+                *buffered -= size.min(*buffered);
+                *outstanding -= 1;
             }
         }
     }
@@ -308,34 +332,46 @@ impl Accumulator {
     /// and when the sender should look again.
     pub fn take_ready(&self, room: usize) -> (Vec<ReadyBatch>, Option<Instant>) {
         let now = Instant::now();
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let linger = self.config.linger;
-        let mut expired: Vec<_> = st
-            .open
-            .iter()
-            .filter(|(_, b)| st.flushing > 0 || b.created + linger <= now)
-            .map(|(k, b)| (b.created, k.clone()))
+        let flushing = st.flushing > 0;
+        let mut expired: Vec<(Instant, Arc<str>, u32)> = st
+            .topics
+            .values()
+            .flat_map(|t| t.open_batches().map(move |(p, b)| (t, p, b)))
+            .filter(|(_, _, b)| flushing || b.created + linger <= now)
+            .map(|(t, p, b)| (b.created, Arc::clone(&t.name), p))
             .collect();
         // A batch past its linger stays open, and keeps filling, until there is room to
         // send it: while the pipe is full, records gather into fewer, larger batches
         // instead of queueing one small batch each (as Kafka's accumulator does).
-        let free = if st.flushing > 0 {
+        let free = if flushing {
             usize::MAX
         } else {
             room.saturating_sub(st.ready.len())
         };
         expired.sort_unstable();
         let keep_open = expired.len().saturating_sub(free);
-        for (_, key) in expired.into_iter().take(free) {
-            self.close_batch(&mut st, &key);
+        for (_, topic, p) in expired.into_iter().take(free) {
+            if let Some(info) = st.topics.get_mut(&topic) {
+                self.close_batch(
+                    info,
+                    p,
+                    &mut st.ready,
+                    &mut st.buffered,
+                    &mut st.outstanding,
+                );
+            }
         }
         let mut out = Vec::new();
         // Batches kept open for want of room are sent when a send completes, which
         // wakes the sender; only the others have a linger deadline to wait for.
         let mut next: Option<Instant> = st
-            .open
+            .topics
             .values()
-            .map(|b| b.created + linger)
+            .flat_map(TopicInfo::open_batches)
+            .map(|(_, b)| b.created + linger)
             .filter(|t| keep_open == 0 || *t > now)
             .min();
         let mut waiting = VecDeque::new();

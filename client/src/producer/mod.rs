@@ -157,8 +157,8 @@ impl ProducerRecord {
 /// Where a record went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMetadata {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared with the producer's other records of it: no copy per record).
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Offset; `None` with `acks=0`.
@@ -196,7 +196,7 @@ impl DeliveryFuture {
         let outcome = self.outcome.borrow().clone();
         match outcome {
             Some(Ok(acked)) => Ok(RecordMetadata {
-                topic: self.topic.to_string(),
+                topic: Arc::clone(&self.topic),
                 partition: self.partition,
                 offset: acked.base_offset.map(|b| b + u64::from(self.index)),
                 log_append_time: acked.log_append_time,
