@@ -1,7 +1,7 @@
 //! Topics in a cluster: admin changes are committed through the metadata log, and every
 //! broker follows that log by opening the logs of the topics it learns of.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::metadata::Command;
@@ -146,6 +146,7 @@ async fn wait_local(
 /// alone.
 pub async fn follow(c: Controller, topics: Topics, mut replication: Replication) {
     let mut rx = c.metadata_watch();
+    let mut warned: BTreeSet<String> = BTreeSet::new();
     loop {
         let md = rx.borrow_and_update().clone();
         // A restarted broker replays its own Raft log first: until it has heard from
@@ -159,6 +160,12 @@ pub async fn follow(c: Controller, topics: Topics, mut replication: Replication)
         if current {
             for (name, l) in &topics.metadata().topics {
                 let id = l.meta.topic_id;
+                if id == 0 && !md.topics.contains_key(name) && warned.insert(name.clone()) {
+                    tracing::warn!(
+                        topic = %name,
+                        "this topic's data predates the broker's cluster, which does not know the topic: it takes no writes and serves nothing; create the topic through the cluster, or remove its folders"
+                    );
+                }
                 if id == 0 || md.topics.get(name).is_some_and(|t| t.id == id) {
                     continue;
                 }
