@@ -59,6 +59,15 @@ impl Quorum {
         self.addrs.join(",")
     }
 
+    /// Starts every member and waits (bounded) until the controller sees them all
+    /// alive; each slot is `take`n to stop its broker.
+    pub fn start_all(&self) -> Vec<Option<BrokerProcess>> {
+        let brokers = (0..self.addrs.len()).map(|i| Some(self.start(i))).collect();
+        let ids: Vec<i64> = (1..=self.addrs.len() as i64).collect();
+        wait_for_brokers(&self.addrs[0], &ids, None);
+        brokers
+    }
+
     /// Starts broker `i` (node id `i + 1`) on its address and folder.
     pub fn start(&self, i: usize) -> BrokerProcess {
         let id = (i + 1).to_string();

@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sluice_tests::broker::BrokerProcess;
 use sluice_tests::cli::{ok, sluice};
 use sluice_tests::cluster::{
     describe, group_coordinator, wait_for_brokers, wait_partition, PartitionView, Quorum,
@@ -52,8 +51,7 @@ fn consume_all(addr: &str, topic: &str, n: usize) -> Vec<String> {
 #[test]
 fn followers_copy_the_leader_leave_the_isr_and_rejoin_it() {
     let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let mut brokers = q.start_all();
     let placed = create_rf3(&q.addrs[0], "rep");
     assert_eq!(
         placed.isr,
@@ -201,8 +199,7 @@ fn create_rf3(addr: &str, topic: &str) -> PartitionView {
 fn acks_all_records_survive_the_leaders_loss() {
     use sluice_tests::history::{producer, read_all, send, History};
     let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let mut brokers = q.start_all();
     let leader = (create_rf3(&q.addrs[0], "hist").leader - 1) as usize;
     let rt = runtime();
     let history = History::default();
@@ -278,8 +275,7 @@ async fn futures_join(waits: Vec<tokio::task::JoinHandle<()>>) {
 fn an_uncommitted_tail_is_never_read_and_is_cut_after_failover() {
     use sluice_tests::history::read_all;
     let q = Quorum::new(&["--replica-lag-time-max-ms", "2000"]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let mut brokers = q.start_all();
     let leader = (create_rf3(&q.addrs[0], "tail").leader - 1) as usize;
     let lead = q.addrs[leader].clone();
     let followers = [(leader + 1) % 3, (leader + 2) % 3];
@@ -339,8 +335,7 @@ fn an_uncommitted_tail_is_never_read_and_is_cut_after_failover() {
 fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
     use sluice_tests::history::{producer, read_all, send, History};
     let q = Quorum::new(&[]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let mut brokers = q.start_all();
     let leader = (create_rf3(&q.addrs[0], "all").leader - 1) as usize;
     let lead = q.addrs[leader].clone();
     ok(&sluice(
@@ -455,8 +450,7 @@ fn the_whole_cluster_killed_at_once_keeps_what_it_acknowledged() {
 #[test]
 fn an_out_of_sync_replica_leads_only_with_unclean_election() {
     let q = Quorum::of(5, &[]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..5).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3, 4, 5], None);
+    let mut brokers = q.start_all();
     ok(&sluice(
         &q.addrs[0],
         &["topic", "create", "u", "-p", "1", "-r", "2"],
@@ -565,8 +559,7 @@ fn an_out_of_sync_replica_leads_only_with_unclean_election() {
 #[test]
 fn a_returning_broker_drops_topics_deleted_while_it_was_away() {
     let q = Quorum::new(&[]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let mut brokers = q.start_all();
     for t in ["gone", "again"] {
         create_rf3(&q.addrs[0], t);
         ok(&sluice(
@@ -627,8 +620,7 @@ fn a_member_outlives_its_bootstrap_broker_and_coordinator() {
     use sluice_tests::process::ChildProcess;
 
     let q = Quorum::new(&[]);
-    let mut brokers: Vec<Option<BrokerProcess>> = (0..3).map(|i| Some(q.start(i))).collect();
-    wait_for_brokers(&q.addrs[0], &[1, 2, 3], None);
+    let mut brokers = q.start_all();
     let v = create_rf3(&q.addrs[0], "feed");
     let lead = q.addrs[(v.leader - 1) as usize].clone();
     // A group coordinated by a broker that does not lead the data partition.
