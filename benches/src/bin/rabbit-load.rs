@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rabbitmq_stream_client::types::Message;
-use rabbitmq_stream_client::Environment;
+use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -137,6 +137,17 @@ async fn run_producer(
     Ok((latencies, failed, first_error))
 }
 
+/// Copies the stream has besides its leader, as the server reports them: a check that a
+/// cluster run really replicates. The client's options reach the server as `localhost`.
+async fn replicas(port: u16, stream: &str) -> Result<usize, BoxError> {
+    let mut opts = ClientOptions::default();
+    opts.set_port(port);
+    let client = Client::connect(opts).await?;
+    let meta = client.metadata(vec![stream.to_owned()]).await?;
+    client.close().await?;
+    Ok(meta.get(stream).map_or(0, |m| m.replicas.len()))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
@@ -150,6 +161,7 @@ async fn main() -> Result<(), BoxError> {
         .await?;
     let _ = env.delete_stream(&args.stream).await;
     env.stream_creator().create(&args.stream).await?;
+    let replicas = replicas(args.port, &args.stream).await?;
     let pool: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..1024)
             .map(|i| payload(args.record_size, i + 1))
@@ -193,11 +205,11 @@ async fn main() -> Result<(), BoxError> {
     );
     if args.json {
         println!(
-            "{{\"records\":{confirmed},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
+            "{{\"records\":{confirmed},\"replicas\":{replicas},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
         );
     } else {
         println!(
-            "{confirmed} records confirmed in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
+            "{confirmed} records confirmed ({replicas} replicas besides the leader) in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
             rate * args.record_size as f64 / 1e6
         );
     }
