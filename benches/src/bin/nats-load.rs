@@ -4,6 +4,7 @@
 //! the same shape as `sluice bench produce`.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -24,9 +25,12 @@ struct Args {
     /// Bytes per record (half random-looking, half constant).
     #[arg(long, default_value_t = 100)]
     record_size: usize,
-    /// Publishes in flight awaiting their acks.
+    /// Publishes in flight awaiting their acks, per publisher.
     #[arg(long, default_value_t = 1024)]
     window: usize,
+    /// Concurrent publishers, each on its own connection, sharing the stream.
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
     /// Replicas of the stream (3 needs a three-server cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -60,30 +64,52 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    let client = async_nats::connect(&args.url).await?;
-    let js = jetstream::new(client);
-    let _ = js.delete_stream(&args.stream).await;
-    let subject = format!("{}.data", args.stream);
-    js.create_stream(stream::Config {
-        name: args.stream.clone(),
-        subjects: vec![subject.clone()],
-        storage: stream::StorageType::File,
-        num_replicas: args.replicas,
-        ..Default::default()
-    })
-    .await?;
-    let pool: Vec<bytes::Bytes> = (0..1024)
-        .map(|i| payload(args.record_size, i + 1))
-        .collect();
-    let mut window = VecDeque::with_capacity(args.window);
-    let mut latencies = Vec::with_capacity(args.records as usize);
-    let started = Instant::now();
-    for i in 0..args.records {
-        if window.len() >= args.window {
-            if let Some((sent, ack)) = window.pop_front() {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Creates the stream afresh, retrying while a new cluster has not yet elected the
+/// leader of its JetStream metadata (creation fails until then).
+async fn create_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+    replicas: usize,
+) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = js.delete_stream(name).await;
+        let created = js
+            .create_stream(stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subject.to_owned()],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("stream not created yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn publish(
+    url: String,
+    subject: String,
+    pool: Arc<Vec<bytes::Bytes>>,
+    records: u64,
+    window: usize,
+) -> Result<Vec<u32>, BoxError> {
+    let js = jetstream::new(async_nats::connect(&url).await?);
+    let mut in_flight = VecDeque::with_capacity(window);
+    let mut latencies = Vec::with_capacity(records as usize);
+    for i in 0..records {
+        if in_flight.len() >= window {
+            if let Some((sent, ack)) = in_flight.pop_front() {
                 let ack: jetstream::context::PublishAckFuture = ack;
                 ack.await?;
                 let sent: Instant = sent;
@@ -92,13 +118,51 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let sent = Instant::now();
         let ack = js
-            .publish(subject.clone(), pool[(i % 1024) as usize].clone())
+            .publish(
+                subject.clone(),
+                pool[(i % pool.len() as u64) as usize].clone(),
+            )
             .await?;
-        window.push_back((sent, ack));
+        in_flight.push_back((sent, ack));
     }
-    while let Some((sent, ack)) = window.pop_front() {
+    while let Some((sent, ack)) = in_flight.pop_front() {
         ack.await?;
         latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    Ok(latencies)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    if args.producers == 0 || args.window == 0 {
+        return Err("--producers and --window must be positive".into());
+    }
+    let js = jetstream::new(async_nats::connect(&args.url).await?);
+    let subject = format!("{}.data", args.stream);
+    create_stream(&js, &args.stream, &subject, args.replicas).await?;
+    let pool: Arc<Vec<bytes::Bytes>> = Arc::new(
+        (0..1024)
+            .map(|i| payload(args.record_size, i + 1))
+            .collect(),
+    );
+    let per = args.records / u64::from(args.producers);
+    let extra = args.records % u64::from(args.producers);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..args.producers {
+        let n = per + u64::from(u64::from(p) < extra);
+        tasks.push(tokio::spawn(publish(
+            args.url.clone(),
+            subject.clone(),
+            pool.clone(),
+            n,
+            args.window,
+        )));
+    }
+    let mut latencies = Vec::with_capacity(args.records as usize);
+    for t in tasks {
+        latencies.extend(t.await??);
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     latencies.sort_unstable();
@@ -121,6 +185,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let _ = js.delete_stream(&args.stream).await;
-    let _ = Duration::ZERO;
     Ok(())
 }

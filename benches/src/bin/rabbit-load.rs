@@ -1,0 +1,221 @@
+//! A load generator for RabbitMQ streams, a peer `benches/compare` measures Sluice
+//! against: publishes fixed-size records to a stream over the stream protocol with a
+//! window of publishes awaiting their confirms, and prints records/s and confirm
+//! latency percentiles in the same shape as `nats-load`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rabbitmq_stream_client::types::Message;
+use rabbitmq_stream_client::{Client, ClientOptions, Environment};
+use tokio::sync::{mpsc, Semaphore};
+
+#[derive(Parser)]
+#[command(about = "Publish to a RabbitMQ stream and report throughput")]
+struct Args {
+    /// Server host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Stream protocol port.
+    #[arg(long, default_value_t = 5552)]
+    port: u16,
+    /// Stream (deleted and created fresh).
+    #[arg(long, default_value = "bench")]
+    stream: String,
+    /// Records to publish in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Bytes per record (half random-looking, half constant).
+    #[arg(long, default_value_t = 100)]
+    record_size: usize,
+    /// Publishes in flight awaiting their confirms, per producer.
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Messages the client gathers into one publish frame.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Longest a partial publish frame waits for more messages (ms).
+    #[arg(long, default_value_t = 1)]
+    batch_delay_ms: u64,
+    /// Concurrent producers, each on its own connection, sharing the stream.
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn payload(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..size)
+        .map(|i| {
+            if i < size / 2 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            } else {
+                b'x'
+            }
+        })
+        .collect()
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One confirm, as the callback reports it: microseconds since the send, or a failure.
+type Outcome = Result<u32, String>;
+
+async fn run_producer(
+    env: Environment,
+    stream: String,
+    pool: Arc<Vec<Vec<u8>>>,
+    records: u64,
+    window: usize,
+    batch_size: usize,
+    batch_delay: Duration,
+) -> Result<(Vec<u32>, u64, Option<String>), BoxError> {
+    let producer = env
+        .producer()
+        .batch_size(batch_size)
+        .batch_delay(batch_delay)
+        .build(&stream)
+        .await?;
+    // A permit per unconfirmed publish: the confirm callback hands it back.
+    let permits = Arc::new(Semaphore::new(window));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+    for i in 0..records {
+        permits.acquire().await?.forget();
+        let body = pool[(i % pool.len() as u64) as usize].clone();
+        let sent = Instant::now();
+        let tx = tx.clone();
+        let permits = permits.clone();
+        producer
+            .send(Message::builder().body(body).build(), move |status| {
+                let outcome = match status {
+                    Ok(s) if s.confirmed() => {
+                        Ok(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                    }
+                    Ok(s) => Err(format!("not confirmed: {:?}", s.status())),
+                    Err(e) => Err(e.to_string()),
+                };
+                // The receiver outlives every callback; a closed channel means the run
+                // is already over and the outcome is not needed.
+                let _ = tx.send(outcome);
+                permits.add_permits(1);
+                async {}
+            })
+            .await?;
+    }
+    drop(tx);
+    let mut latencies = Vec::with_capacity(records as usize);
+    let mut failed = 0u64;
+    let mut first_error = None;
+    for _ in 0..records {
+        match rx.recv().await {
+            Some(Ok(us)) => latencies.push(us),
+            Some(Err(e)) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+            None => {
+                failed += 1;
+                first_error.get_or_insert_with(|| "confirm callback dropped".to_owned());
+            }
+        }
+    }
+    producer.close().await?;
+    Ok((latencies, failed, first_error))
+}
+
+/// Copies the stream has besides its leader, as the server reports them: a check that a
+/// cluster run really replicates. The client's options reach the server as `localhost`.
+async fn replicas(port: u16, stream: &str) -> Result<usize, BoxError> {
+    let mut opts = ClientOptions::default();
+    opts.set_port(port);
+    let client = Client::connect(opts).await?;
+    let meta = client.metadata(vec![stream.to_owned()]).await?;
+    client.close().await?;
+    Ok(meta.get(stream).map_or(0, |m| m.replicas.len()))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    if args.producers == 0 || args.window == 0 {
+        return Err("--producers and --window must be positive".into());
+    }
+    let env = Environment::builder()
+        .host(&args.host)
+        .port(args.port)
+        .build()
+        .await?;
+    let _ = env.delete_stream(&args.stream).await;
+    env.stream_creator().create(&args.stream).await?;
+    let replicas = replicas(args.port, &args.stream).await?;
+    let pool: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..1024)
+            .map(|i| payload(args.record_size, i + 1))
+            .collect(),
+    );
+    let per = args.records / u64::from(args.producers);
+    let extra = args.records % u64::from(args.producers);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..args.producers {
+        let n = per + u64::from(u64::from(p) < extra);
+        tasks.push(tokio::spawn(run_producer(
+            env.clone(),
+            args.stream.clone(),
+            pool.clone(),
+            n,
+            args.window,
+            args.batch_size,
+            Duration::from_millis(args.batch_delay_ms),
+        )));
+    }
+    let mut latencies = Vec::with_capacity(args.records as usize);
+    let mut failed = 0u64;
+    let mut first_error = None;
+    for t in tasks {
+        let (lat, f, e) = t.await??;
+        latencies.extend(lat);
+        failed += f;
+        if first_error.is_none() {
+            first_error = e;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    latencies.sort_unstable();
+    let confirmed = latencies.len() as u64;
+    let rate = confirmed as f64 / secs;
+    let (p50, p99, p999) = (
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.99),
+        pct(&latencies, 0.999),
+    );
+    if args.json {
+        println!(
+            "{{\"records\":{confirmed},\"replicas\":{replicas},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
+        );
+    } else {
+        println!(
+            "{confirmed} records confirmed ({replicas} replicas besides the leader) in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
+            rate * args.record_size as f64 / 1e6
+        );
+    }
+    let _ = env.delete_stream(&args.stream).await;
+    match first_error {
+        Some(e) => Err(format!("{failed} records failed; first error: {e}").into()),
+        None => Ok(()),
+    }
+}
