@@ -49,6 +49,10 @@ pub struct ProduceBench {
     /// Batches in flight per producer.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// Bytes each producer may hold unacknowledged (records wait for room beyond it):
+    /// a small window bounds flat-out latency, as a peer's window of unacked sends does.
+    #[arg(long, default_value_t = 64 << 20)]
+    buffer_memory: usize,
     /// Compression: none, gzip, snappy, lz4 or zstd.
     #[arg(long, default_value = "none", value_parser = parse_compression)]
     compression: Compression,
@@ -155,6 +159,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             batch_size: args.batch_size,
             linger: Duration::from_millis(args.linger_ms),
             max_in_flight: args.max_in_flight,
+            buffer_memory: args.buffer_memory,
             compression: args.compression,
             ..ProducerConfig::default()
         })
