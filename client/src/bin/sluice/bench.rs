@@ -60,6 +60,10 @@ pub struct ProduceBench {
     /// then timed from each record's scheduled send.
     #[arg(long, default_value_t = 0)]
     throughput: u64,
+    /// Stop sending after this many seconds even if records remain (0: no limit); for
+    /// sustained runs, with a large --records.
+    #[arg(long, default_value_t = 0)]
+    duration_secs: u64,
     /// Partitions when the topic has to be created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
@@ -169,6 +173,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         let pool = pool.clone();
         let topic: std::sync::Arc<str> = args.topic.as_str().into();
         // Each producer gets its share of the rate.
+        let duration_secs = args.duration_secs;
         let interval = (args.throughput > 0)
             .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.throughput as f64));
         tasks.push(tokio::spawn(async move {
@@ -179,7 +184,8 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             let chunk_len = 256;
             let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(n as usize);
+                // A sustained run's record count is only a cap: grow past this instead.
+                let mut lat = Vec::with_capacity(n.min(1 << 24) as usize);
                 let mut failed = 0u64;
                 let mut first_error = None;
                 while let Some(chunk) = rx.recv().await {
@@ -198,6 +204,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             });
             let mut chunk = Vec::with_capacity(chunk_len);
             let begin = Instant::now();
+            let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
             for j in 0..n {
                 let scheduled = match interval {
                     Some(iv) => {
@@ -218,6 +225,9 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                     }
                     None => Instant::now(),
                 };
+                if stop_at.is_some_and(|t| scheduled >= t) {
+                    break;
+                }
                 let value = pool[(j as usize) % pool.len()].clone();
                 let d = producer
                     .send(ProducerRecord {
