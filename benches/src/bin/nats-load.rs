@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use clap::Parser;
+use sluice_benches::{peer_payloads, percentile_ms, share};
 
 #[derive(Parser)]
 #[command(about = "Publish to a NATS JetStream stream and report throughput")]
@@ -37,31 +38,6 @@ struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn payload(size: usize, seed: u64) -> bytes::Bytes {
-    let mut x = seed | 1;
-    (0..size)
-        .map(|i| {
-            if i < size / 2 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            } else {
-                b'x'
-            }
-        })
-        .collect::<Vec<u8>>()
-        .into()
-}
-
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    f64::from(sorted[i]) / 1000.0
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -142,16 +118,15 @@ async fn main() -> Result<(), BoxError> {
     let subject = format!("{}.data", args.stream);
     create_stream(&js, &args.stream, &subject, args.replicas).await?;
     let pool: Arc<Vec<bytes::Bytes>> = Arc::new(
-        (0..1024)
-            .map(|i| payload(args.record_size, i + 1))
+        peer_payloads(args.record_size, 1024)
+            .into_iter()
+            .map(bytes::Bytes::from)
             .collect(),
     );
-    let per = args.records / u64::from(args.producers);
-    let extra = args.records % u64::from(args.producers);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..args.producers {
-        let n = per + u64::from(u64::from(p) < extra);
+        let n = share(args.records, args.producers, p);
         tasks.push(tokio::spawn(publish(
             args.url.clone(),
             subject.clone(),
@@ -168,9 +143,9 @@ async fn main() -> Result<(), BoxError> {
     latencies.sort_unstable();
     let rate = args.records as f64 / secs;
     let (p50, p99, p999) = (
-        pct(&latencies, 0.5),
-        pct(&latencies, 0.99),
-        pct(&latencies, 0.999),
+        percentile_ms(&latencies, 0.5),
+        percentile_ms(&latencies, 0.99),
+        percentile_ms(&latencies, 0.999),
     );
     if args.json {
         println!(

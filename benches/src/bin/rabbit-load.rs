@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rabbitmq_stream_client::types::Message;
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
+use sluice_benches::{peer_payloads, percentile_ms, share};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -44,30 +45,6 @@ struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn payload(size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..size)
-        .map(|i| {
-            if i < size / 2 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            } else {
-                b'x'
-            }
-        })
-        .collect()
-}
-
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    f64::from(sorted[i]) / 1000.0
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -162,17 +139,11 @@ async fn main() -> Result<(), BoxError> {
     let _ = env.delete_stream(&args.stream).await;
     env.stream_creator().create(&args.stream).await?;
     let replicas = replicas(args.port, &args.stream).await?;
-    let pool: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..1024)
-            .map(|i| payload(args.record_size, i + 1))
-            .collect(),
-    );
-    let per = args.records / u64::from(args.producers);
-    let extra = args.records % u64::from(args.producers);
+    let pool: Arc<Vec<Vec<u8>>> = Arc::new(peer_payloads(args.record_size, 1024));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..args.producers {
-        let n = per + u64::from(u64::from(p) < extra);
+        let n = share(args.records, args.producers, p);
         tasks.push(tokio::spawn(run_producer(
             env.clone(),
             args.stream.clone(),
@@ -199,9 +170,9 @@ async fn main() -> Result<(), BoxError> {
     let confirmed = latencies.len() as u64;
     let rate = confirmed as f64 / secs;
     let (p50, p99, p999) = (
-        pct(&latencies, 0.5),
-        pct(&latencies, 0.99),
-        pct(&latencies, 0.999),
+        percentile_ms(&latencies, 0.5),
+        percentile_ms(&latencies, 0.99),
+        percentile_ms(&latencies, 0.999),
     );
     if args.json {
         println!(
