@@ -58,6 +58,21 @@ use topic::manager::{TopicDefaults, Topics};
 /// Largest gRPC message accepted or sent (a produce carries one batch; a fetch many).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// The endpoint of another broker at `addr` (`host:port`): it connects within a second,
+/// gives each call `timeout`, and sends small messages at once (with Nagle's algorithm
+/// a request could wait about 40 ms for the peer's delayed ACK).
+pub(crate) fn peer_endpoint(
+    addr: &str,
+    timeout: Duration,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(timeout)
+            .tcp_nodelay(true),
+    )
+}
+
 /// How often a broker in a cluster heartbeats into the metadata log.
 const BROKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// A broker silent this long is shown as not alive.

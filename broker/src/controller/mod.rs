@@ -17,7 +17,6 @@ use sluice_proto::v1::controller_service_client::ControllerServiceClient;
 use sluice_proto::v1::ProposeRequest;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 
 use crate::error::{BrokerError, Result};
 use metadata::{BrokerInfo, Command, Metadata, MetadataMachine};
@@ -252,10 +251,8 @@ async fn forward(quorum: &[(u64, String)], leader: u64, data: &[u8]) -> Result<V
     let Some((_, addr)) = quorum.iter().find(|(id, _)| *id == leader) else {
         return Err(BrokerError::NotController(None));
     };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| BrokerError::Internal(format!("controller address {addr}: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(10));
+    let endpoint = crate::peer_endpoint(addr, Duration::from_secs(10))
+        .map_err(|e| BrokerError::Internal(format!("controller address {addr}: {e}")))?;
     let mut client = ControllerServiceClient::new(endpoint.connect_lazy());
     let answer = client
         .propose(ProposeRequest {

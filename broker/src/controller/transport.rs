@@ -9,7 +9,6 @@ use raft::prelude::Message;
 use sluice_proto::v1::controller_service_client::ControllerServiceClient;
 use sluice_proto::v1::RaftBatch;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 use super::node::Transport;
 
@@ -51,11 +50,8 @@ impl Transport for GrpcTransport {
 }
 
 async fn send_loop(self_id: u64, peer: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
-    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(5))
-            .tcp_nodelay(true),
+    let endpoint = match crate::peer_endpoint(&addr, Duration::from_secs(5)) {
+        Ok(e) => e,
         Err(e) => {
             tracing::error!(peer, address = %addr, error = %e, "bad controller peer address");
             return;

@@ -118,10 +118,7 @@ pub(super) async fn leaders_offsets(ctx: &Context, topics: &mut [TopicDescriptio
 /// A broker's own view of `names` (its replicas' offsets), or `None` if it does not
 /// answer within a second.
 async fn ask_offsets(address: &str, names: Vec<String>) -> Option<Vec<TopicDescription>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(1));
+    let endpoint = crate::peer_endpoint(address, Duration::from_secs(1)).ok()?;
     let mut client = AdminServiceClient::new(endpoint.connect_lazy());
     let answer = client
         .describe_topics(DescribeTopicsRequest {

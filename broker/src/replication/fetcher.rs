@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sluice_proto::v1::replica_service_client::ReplicaServiceClient;
 use sluice_proto::v1::{EpochEndOffsetRequest, ReplicaFetchRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::BrokerError;
 use crate::partition::{PartitionHandle, PartitionState};
@@ -35,11 +35,8 @@ pub struct Follow {
 
 /// Follows until the task is aborted (a new role) or the partition closes.
 pub async fn run(f: Follow) {
-    let endpoint = match Endpoint::from_shared(format!("http://{}", f.address)) {
+    let endpoint = match crate::peer_endpoint(&f.address, FETCH_WAIT + Duration::from_secs(10)) {
         Ok(e) => e
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(FETCH_WAIT + Duration::from_secs(10))
-            .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20)),
         Err(e) => {
