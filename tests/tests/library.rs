@@ -508,3 +508,75 @@ async fn a_seek_discards_the_prefetched_fetch() {
     assert_eq!(rest.len(), 1995);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_many_keeps_order_and_fails_only_the_records_it_cannot_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("many", 2))
+        .await
+        .expect("create");
+    // A buffer of a few batches: the run has to wait for room part way through.
+    let producer = Producer::connect(ProducerConfig {
+        batch_size: 4096,
+        buffer_memory: 16 * 1024,
+        ..producer_config(&addr)
+    })
+    .await
+    .expect("producer");
+    let n = 3000u32;
+    let (bad_partition, unknown_topic) = (1500, 2000);
+    let records = (0..n).map(|i| {
+        let topic = if i == unknown_topic { "ghost" } else { "many" };
+        let partition = if i == bad_partition { 7 } else { 0 };
+        ProducerRecord::new(topic, format!("value-{i}")).partition(partition)
+    });
+    let deliveries = tokio::time::timeout(Duration::from_secs(30), producer.send_many(records))
+        .await
+        .expect("send_many returned");
+    assert_eq!(deliveries.len(), n as usize);
+    let mut next_offset = 0;
+    for (i, d) in deliveries.into_iter().enumerate() {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), d)
+            .await
+            .expect("resolved");
+        match i as u32 {
+            i if i == bad_partition => {
+                let err = outcome.expect_err("partition 7 of 2");
+                assert!(matches!(err, ClientError::InvalidArgument(_)), "{err:?}");
+            }
+            i if i == unknown_topic => {
+                expect_reason(
+                    outcome.expect_err("no such topic"),
+                    ErrorReason::UnknownTopicOrPartition,
+                    Code::NotFound,
+                );
+            }
+            _ => {
+                let meta = outcome.expect("delivered");
+                assert_eq!((meta.partition, meta.offset), (0, Some(next_offset)));
+                next_offset += 1;
+            }
+        }
+    }
+    assert_eq!(next_offset, u64::from(n) - 2);
+
+    let mut consumer = Consumer::connect(consumer_config(&addr))
+        .await
+        .expect("consumer");
+    consumer.assign_topic("many").await.expect("assign");
+    let records = consume_n(&mut consumer, n as usize - 2).await;
+    let expected: Vec<String> = (0..n)
+        .filter(|i| *i != bad_partition && *i != unknown_topic)
+        .map(|i| format!("value-{i}"))
+        .collect();
+    let got: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(got, expected);
+    broker.stop().await;
+}

@@ -9,11 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use sluice_log_store::RecordBatchBuilder;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::partitioner::partition_for_key;
-use super::{DeliveryFuture, ProducerConfig, ProducerRecord};
+use super::{DeliveryFuture, ProducerConfig, ProducerRecord, SlotOwner};
 use crate::error::{ClientError, Result};
 
 /// Why a record could not be appended without waiting.
@@ -48,7 +48,7 @@ pub(crate) struct ReadyBatch {
     pub topic: Arc<str>,
     pub partition: u32,
     pub bytes: Bytes,
-    pub slot: watch::Sender<Option<BatchOutcome>>,
+    pub slot: SlotOwner,
     pub attempts: u32,
     pub created: Instant,
     pub not_before: Option<Instant>,
@@ -59,7 +59,7 @@ pub(crate) struct ReadyBatch {
 struct OpenBatch {
     builder: RecordBatchBuilder,
     created: Instant,
-    slot: watch::Sender<Option<BatchOutcome>>,
+    slot: SlotOwner,
 }
 
 struct TopicInfo {
@@ -93,12 +93,19 @@ impl TopicInfo {
 struct State {
     // Fx hashing: looked up on every send, with short trusted keys.
     topics: FxHashMap<Arc<str>, TopicInfo>,
+    queue: Queue,
+    /// `flush` calls waiting: while non-zero, batches do not linger.
+    flushing: usize,
+}
+
+/// Everything a send touches besides its topic: kept apart from `topics` so a send can
+/// hold its topic's entry and these at once, after one map lookup.
+#[derive(Default)]
+struct Queue {
     ready: VecDeque<ReadyBatch>,
     buffered: usize,
     /// Batches opened and not yet finished (open, ready or in flight).
     outstanding: usize,
-    /// `flush` calls waiting: while non-zero, batches do not linger.
-    flushing: usize,
     round_robin: u32,
 }
 
@@ -169,19 +176,53 @@ impl Accumulator {
     /// Adds the record to its batch under one lock when its topic's partition count is
     /// known and the buffer has room (the common case); otherwise gives it back.
     pub fn try_append(&self, record: ProducerRecord) -> TryAppend {
-        let mut st = self.lock();
-        let Some(partitions) = st
-            .topics
-            .get(&record.topic)
-            .map(|t| t.partitions)
-            .filter(|n| *n > 0)
-        else {
+        let mut guard = self.lock();
+        let State { topics, queue, .. } = &mut *guard;
+        let Some(info) = topics.get_mut(&record.topic).filter(|t| t.partitions > 0) else {
             return TryAppend::Blocked(record, Blocked::UnknownTopic);
         };
-        if st.buffered >= self.config.buffer_memory {
+        if queue.buffered >= self.config.buffer_memory {
             return TryAppend::Blocked(record, Blocked::BufferFull);
         }
-        TryAppend::Done(self.append_checked(&mut st, record, partitions))
+        TryAppend::Done(self.append_to(info, queue, record, &mut None))
+    }
+
+    /// Appends records under one lock, looking their topic up again only when it
+    /// changes, until one cannot be appended without waiting: that one is given back
+    /// with the reason. A record refused outright gets a failed future in `out`.
+    pub fn try_append_many(
+        &self,
+        records: &mut impl Iterator<Item = ProducerRecord>,
+        out: &mut Vec<DeliveryFuture>,
+    ) -> Option<(ProducerRecord, Blocked)> {
+        let mut guard = self.lock();
+        let State { topics, queue, .. } = &mut *guard;
+        let mut current: Option<&mut TopicInfo> = None;
+        // One clock read stamps the whole run, as if sent in the same millisecond.
+        let mut now = None;
+        for record in records {
+            if queue.buffered >= self.config.buffer_memory {
+                return Some((record, Blocked::BufferFull));
+            }
+            let info = match current.take() {
+                Some(info)
+                    if Arc::ptr_eq(&info.name, &record.topic) || info.name == record.topic =>
+                {
+                    info
+                }
+                _ => match topics.get_mut(&record.topic).filter(|t| t.partitions > 0) {
+                    Some(info) => info,
+                    None => return Some((record, Blocked::UnknownTopic)),
+                },
+            };
+            let requested = record.partition.unwrap_or(0);
+            out.push(match self.append_to(info, queue, record, &mut now) {
+                Ok(d) => d,
+                Err(e) => DeliveryFuture::failed(Arc::clone(&info.name), requested, e),
+            });
+            current = Some(info);
+        }
+        None
     }
 
     /// Waits for room in the buffer, then appends; used once `try_append` found it full
@@ -193,9 +234,14 @@ impl Accumulator {
             tokio::pin!(space);
             space.as_mut().enable();
             {
-                let mut st = self.lock();
-                if st.buffered < self.config.buffer_memory {
-                    return self.append_checked(&mut st, record, partitions);
+                let mut guard = self.lock();
+                let State { topics, queue, .. } = &mut *guard;
+                if queue.buffered < self.config.buffer_memory {
+                    let info = topics
+                        .entry(Arc::clone(&record.topic))
+                        .or_insert_with(|| TopicInfo::new(&record.topic, partitions));
+                    info.partitions = partitions;
+                    return self.append_to(info, queue, record, &mut None);
                 }
             }
             if tokio::time::timeout_at(deadline, space).await.is_err() {
@@ -207,12 +253,16 @@ impl Accumulator {
         }
     }
 
-    fn append_checked(
+    /// Appends to the record's partition's open batch. A record without a timestamp is
+    /// stamped from `now`, read from the clock at most once for a run of records.
+    fn append_to(
         &self,
-        st: &mut State,
+        info: &mut TopicInfo,
+        queue: &mut Queue,
         record: ProducerRecord,
-        partitions: u32,
+        now: &mut Option<i64>,
     ) -> Result<DeliveryFuture> {
+        let partitions = info.partitions;
         if let Some(p) = record.partition {
             if p >= partitions {
                 return Err(ClientError::InvalidArgument(format!(
@@ -221,29 +271,14 @@ impl Accumulator {
                 )));
             }
         }
-        if !st.topics.contains_key(&record.topic) {
-            st.topics.insert(
-                Arc::clone(&record.topic),
-                TopicInfo::new(&record.topic, partitions),
-            );
-        }
-        let State {
-            topics,
-            ready,
-            buffered,
-            outstanding,
-            round_robin,
-            ..
-        } = st;
-        let Some(info) = topics.get_mut(&record.topic) else {
-            unreachable!("the topic was inserted above")
-        };
         let partition = match (record.partition, &record.key) {
             (Some(p), _) => p,
             (None, Some(key)) => partition_for_key(key, partitions),
-            (None, None) => *info.sticky.get_or_insert(*round_robin % partitions.max(1)),
+            (None, None) => *info
+                .sticky
+                .get_or_insert(queue.round_robin % partitions.max(1)),
         };
-        *round_robin = round_robin.wrapping_add(1);
+        queue.round_robin = queue.round_robin.wrapping_add(1);
         let slot = partition as usize;
         if info.open.len() <= slot {
             info.open.resize_with(slot + 1, || None);
@@ -255,10 +290,10 @@ impl Accumulator {
             !b.builder.is_empty() && b.builder.size_bytes() + estimate > self.config.batch_size
         });
         if full {
-            self.close_batch(info, partition, ready, buffered, outstanding);
+            self.close_batch(info, partition, queue);
         }
         let open = info.open[slot].get_or_insert_with(|| {
-            *outstanding += 1;
+            queue.outstanding += 1;
             // The sender may be asleep with no batch to wait for: it must learn when
             // this one's linger ends.
             self.wake.notify_one();
@@ -268,37 +303,31 @@ impl Accumulator {
                     self.config.batch_size.min(1 << 20),
                 ),
                 created: Instant::now(),
-                slot: watch::channel(None).0,
+                slot: SlotOwner::new(Arc::clone(&info.name)),
             }
         });
         let index = open.builder.len();
-        *buffered += open.builder.append(
-            record.timestamp.unwrap_or_else(now_ms),
+        queue.buffered += open.builder.append(
+            record
+                .timestamp
+                .unwrap_or_else(|| *now.get_or_insert_with(now_ms)),
             record.key.as_deref(),
             record.value.as_deref(),
             &record.headers,
         );
-        let outcome = open.slot.subscribe();
+        let slot = open.slot.share();
         if open.builder.size_bytes() >= self.config.batch_size {
-            self.close_batch(info, partition, ready, buffered, outstanding);
+            self.close_batch(info, partition, queue);
         }
         Ok(DeliveryFuture {
-            topic: Arc::clone(&info.name),
             partition,
             index,
-            outcome,
+            slot,
         })
     }
 
     /// Builds the open batch of a partition and queues it.
-    fn close_batch(
-        &self,
-        info: &mut TopicInfo,
-        partition: u32,
-        ready: &mut VecDeque<ReadyBatch>,
-        buffered: &mut usize,
-        outstanding: &mut usize,
-    ) {
+    fn close_batch(&self, info: &mut TopicInfo, partition: u32, queue: &mut Queue) {
         let Some(open) = info.open.get_mut(partition as usize).and_then(Option::take) else {
             return;
         };
@@ -308,7 +337,7 @@ impl Accumulator {
         let size = open.builder.size_bytes();
         match open.builder.build() {
             Ok(bytes) => {
-                ready.push_back(ReadyBatch {
+                queue.ready.push_back(ReadyBatch {
                     topic: Arc::clone(&info.name),
                     partition,
                     bytes,
@@ -321,9 +350,9 @@ impl Accumulator {
                 self.wake.notify_one();
             }
             Err(e) => {
-                let _ = open.slot.send(Some(Err(e.into())));
-                *buffered -= size.min(*buffered);
-                *outstanding -= 1;
+                open.slot.finish(Err(e.into()));
+                queue.buffered -= size.min(queue.buffered);
+                queue.outstanding -= 1;
             }
         }
     }
@@ -349,19 +378,13 @@ impl Accumulator {
         let free = if flushing {
             usize::MAX
         } else {
-            room.saturating_sub(st.ready.len())
+            room.saturating_sub(st.queue.ready.len())
         };
         expired.sort_unstable();
         let keep_open = expired.len().saturating_sub(free);
         for (_, topic, p) in expired.into_iter().take(free) {
             if let Some(info) = st.topics.get_mut(&topic) {
-                self.close_batch(
-                    info,
-                    p,
-                    &mut st.ready,
-                    &mut st.buffered,
-                    &mut st.outstanding,
-                );
+                self.close_batch(info, p, &mut st.queue);
             }
         }
         let mut out = Vec::new();
@@ -378,7 +401,7 @@ impl Accumulator {
         // Partitions with an older batch still waiting out its backoff: their later
         // batches wait too, so a partition's batches go out in order.
         let mut held: Vec<(Arc<str>, u32)> = Vec::new();
-        while let Some(b) = st.ready.pop_front() {
+        while let Some(b) = st.queue.ready.pop_front() {
             let key = (Arc::clone(&b.topic), b.partition);
             match b.not_before {
                 Some(t) if t > now => {
@@ -394,7 +417,7 @@ impl Accumulator {
                 }
             }
         }
-        st.ready = waiting;
+        st.queue.ready = waiting;
         (out, next)
     }
 
@@ -404,23 +427,24 @@ impl Accumulator {
         let mut st = self.lock();
         // In creation order among the queued batches: several batches of a partition
         // sent back together (a redirect, a broker gone) keep their order.
-        let at = st
-            .ready
+        let ready = &mut st.queue.ready;
+        let at = ready
             .iter()
             .position(|b| b.created > batch.created)
-            .unwrap_or(st.ready.len());
-        st.ready.insert(at, batch);
+            .unwrap_or(ready.len());
+        ready.insert(at, batch);
         drop(st);
         self.wake.notify_one();
     }
 
     /// Gives a batch its final outcome.
     pub fn complete(&self, batch: ReadyBatch, outcome: BatchOutcome) {
-        let _ = batch.slot.send(Some(outcome));
+        batch.slot.finish(outcome);
         let mut st = self.lock();
-        st.buffered -= batch.buffered.min(st.buffered);
-        st.outstanding -= 1;
-        let idle = st.outstanding == 0;
+        let q = &mut st.queue;
+        q.buffered -= batch.buffered.min(q.buffered);
+        q.outstanding -= 1;
+        let idle = q.outstanding == 0;
         drop(st);
         self.space.notify_waiters();
         if idle {
@@ -429,7 +453,7 @@ impl Accumulator {
     }
 
     pub fn outstanding(&self) -> usize {
-        self.lock().outstanding
+        self.lock().queue.outstanding
     }
 
     pub async fn flush(&self) -> Result<()> {
@@ -439,7 +463,7 @@ impl Accumulator {
             let idle = self.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if self.lock().outstanding == 0 {
+            if self.lock().queue.outstanding == 0 {
                 break;
             }
             // Batches opened while flushing must not linger either.

@@ -18,12 +18,12 @@ mod sender;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_log_store::{Compression, Header};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::admin::Admin;
 use crate::connection::connect_first;
@@ -120,8 +120,11 @@ pub struct ProducerRecord {
 
 impl Default for ProducerRecord {
     fn default() -> Self {
+        // `..ProducerRecord::default()` is how records are written: one shared empty
+        // name keeps that from allocating (and freeing) a topic per record.
+        static NO_TOPIC: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
         ProducerRecord {
-            topic: Arc::from(""),
+            topic: Arc::clone(&NO_TOPIC),
             partition: None,
             key: None,
             value: None,
@@ -136,8 +139,11 @@ impl ProducerRecord {
     pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> Self {
         ProducerRecord {
             topic: topic.into(),
+            partition: None,
+            key: None,
             value: Some(value.into()),
-            ..ProducerRecord::default()
+            headers: Vec::new(),
+            timestamp: None,
         }
     }
 
@@ -167,42 +173,104 @@ pub struct RecordMetadata {
     pub log_append_time: i64,
 }
 
+/// A batch's outcome, once known, shared by the futures of all its records: one
+/// allocation per batch, one reference count step per record.
+#[derive(Debug)]
+pub(crate) struct BatchSlot {
+    topic: Arc<str>,
+    outcome: OnceLock<BatchOutcome>,
+    done: Notify,
+}
+
+impl BatchSlot {
+    /// Sets the outcome (the first one given stands) and wakes every waiting record.
+    fn finish(&self, outcome: BatchOutcome) {
+        let _ = self.outcome.set(outcome);
+        self.done.notify_waiters();
+    }
+}
+
+/// The batch's side of a `BatchSlot`: a batch dropped before it finished (the producer
+/// shut down) leaves its records `Closed` rather than waiting forever.
+#[derive(Debug)]
+pub(crate) struct SlotOwner(Arc<BatchSlot>);
+
+impl SlotOwner {
+    pub(crate) fn new(topic: Arc<str>) -> SlotOwner {
+        SlotOwner(Arc::new(BatchSlot {
+            topic,
+            outcome: OnceLock::new(),
+            done: Notify::new(),
+        }))
+    }
+
+    /// Gives the batch its outcome; later ones are ignored.
+    pub(crate) fn finish(&self, outcome: BatchOutcome) {
+        self.0.finish(outcome);
+    }
+
+    /// A handle for one more record's future.
+    pub(crate) fn share(&self) -> Arc<BatchSlot> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl Drop for SlotOwner {
+    fn drop(&mut self) {
+        if self.0.outcome.get().is_none() {
+            self.0.finish(Err(ClientError::Closed));
+        }
+    }
+}
+
 /// Resolves when the record's batch is acknowledged or has failed for good.
 #[derive(Debug)]
 pub struct DeliveryFuture {
-    topic: Arc<str>,
     partition: u32,
     index: u32,
-    outcome: watch::Receiver<Option<BatchOutcome>>,
+    slot: Arc<BatchSlot>,
 }
 
 impl DeliveryFuture {
+    /// A record that failed before it was queued, in `send_many`: its future carries the
+    /// error so the records around it still go.
+    pub(crate) fn failed(topic: Arc<str>, partition: u32, error: ClientError) -> DeliveryFuture {
+        let owner = SlotOwner::new(topic);
+        owner.finish(Err(error));
+        DeliveryFuture {
+            partition,
+            index: 0,
+            slot: owner.share(),
+        }
+    }
+
     /// The partition the record was put in.
     pub fn partition(&self) -> u32 {
         self.partition
     }
 
-    async fn resolve(mut self) -> Result<RecordMetadata> {
-        // The guard is a read lock on the outcome: dropped before anything else.
-        let done = self.outcome.wait_for(Option::is_some).await.is_ok();
-        if !done {
-            return Err(ClientError::Closed);
+    async fn resolve(self) -> Result<RecordMetadata> {
+        loop {
+            let done = self.slot.done.notified();
+            tokio::pin!(done);
+            // Registered before looking, so a finish in between is not missed.
+            done.as_mut().enable();
+            if let Some(outcome) = self.slot.outcome.get() {
+                return self.metadata(outcome);
+            }
+            done.await;
         }
-        self.finish()
     }
 
-    /// The record's metadata from its batch's outcome, which must be there.
-    fn finish(&self) -> Result<RecordMetadata> {
-        let outcome = self.outcome.borrow().clone();
+    fn metadata(&self, outcome: &BatchOutcome) -> Result<RecordMetadata> {
         match outcome {
-            Some(Ok(acked)) => Ok(RecordMetadata {
-                topic: Arc::clone(&self.topic),
+            Ok(acked) => Ok(RecordMetadata {
+                topic: Arc::clone(&self.slot.topic),
                 partition: self.partition,
                 offset: acked.base_offset.map(|b| b + u64::from(self.index)),
                 log_append_time: acked.log_append_time,
             }),
-            Some(Err(e)) => Err(e),
-            None => Err(ClientError::Closed),
+            Err(e) => Err(e.clone()),
         }
     }
 }
@@ -240,8 +308,8 @@ impl Future for DeliveryWait {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         if let Some(d) = self.delivery.take() {
-            if d.outcome.borrow().is_some() {
-                return std::task::Poll::Ready(d.finish());
+            if let Some(outcome) = d.slot.outcome.get() {
+                return std::task::Poll::Ready(d.metadata(outcome));
             }
             self.waiting = Some(Box::pin(d.resolve()));
         }
@@ -289,11 +357,47 @@ impl Producer {
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
         match self.accumulator.try_append(record) {
             TryAppend::Done(appended) => appended,
-            TryAppend::Blocked(record, Blocked::UnknownTopic) => {
+            TryAppend::Blocked(record, blocked) => self.append_blocked(record, blocked).await,
+        }
+    }
+
+    /// Sends records in order, as `send` would one at a time, but takes the producer's
+    /// lock and looks up the topic once for a run of records instead of once each: the
+    /// way to the highest rates when records come in groups. Returns one future per
+    /// record, in order; a record that could not be queued (a partition out of range, a
+    /// topic that does not exist, no buffer room within the delivery timeout) gets a
+    /// future that resolves to that error, and the records after it still go.
+    pub async fn send_many(
+        &self,
+        records: impl IntoIterator<Item = ProducerRecord>,
+    ) -> Vec<DeliveryFuture> {
+        let mut records = records.into_iter();
+        let mut out = Vec::with_capacity(records.size_hint().0);
+        while let Some((record, blocked)) = self.accumulator.try_append_many(&mut records, &mut out)
+        {
+            let topic = Arc::clone(&record.topic);
+            let partition = record.partition.unwrap_or(0);
+            out.push(
+                self.append_blocked(record, blocked)
+                    .await
+                    .unwrap_or_else(|e| DeliveryFuture::failed(topic, partition, e)),
+            );
+        }
+        out
+    }
+
+    /// The slow path of a send: learns the topic's partition count or waits for room.
+    async fn append_blocked(
+        &self,
+        record: ProducerRecord,
+        blocked: Blocked,
+    ) -> Result<DeliveryFuture> {
+        match blocked {
+            Blocked::UnknownTopic => {
                 let partitions = self.fetch_partition_count(&record.topic).await?;
                 self.accumulator.append(record, partitions).await
             }
-            TryAppend::Blocked(record, Blocked::BufferFull) => {
+            Blocked::BufferFull => {
                 let partitions = self.partition_count(&record.topic).await?;
                 self.accumulator.append(record, partitions).await
             }
