@@ -64,6 +64,11 @@ pub struct ProduceBench {
     /// sustained runs, with a large --records.
     #[arg(long, default_value_t = 0)]
     duration_secs: u64,
+    /// Records handed to the producer per call: 1 sends each with `send`; more use
+    /// `send_many`, one call per group, every record of a group timed from the group's
+    /// send.
+    #[arg(long, default_value_t = 1)]
+    send_many: u32,
     /// Partitions when the topic has to be created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
@@ -144,9 +149,9 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
-    if args.producers == 0 || args.records == 0 {
+    if args.producers == 0 || args.records == 0 || args.send_many == 0 {
         return Err(CliError::Usage(
-            "--producers and --records must be positive".into(),
+            "--producers, --records and --send-many must be positive".into(),
         ));
     }
     ensure_topic(global, &args).await?;
@@ -174,13 +179,12 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         let topic: std::sync::Arc<str> = args.topic.as_str().into();
         // Each producer gets its share of the rate.
         let duration_secs = args.duration_secs;
+        let group = u64::from(args.send_many);
         let interval = (args.throughput > 0)
             .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.throughput as f64));
         tasks.push(tokio::spawn(async move {
             // Futures reach the waiter in chunks: one channel message per record would
-            // cost the load tool more than the producer. A chunk is handed over when full
-            // and, under a rate limit, before every pause, so no record waits in it while
-            // the sender sleeps (which would count against the broker).
+            // cost the load tool more than the producer.
             let chunk_len = 256;
             let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
@@ -202,50 +206,58 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                 }
                 (lat, failed, first_error)
             });
-            let mut chunk = Vec::with_capacity(chunk_len);
             let begin = Instant::now();
             let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
-            for j in 0..n {
-                let scheduled = match interval {
-                    Some(iv) => {
-                        let at = begin + iv.mul_f64(j as f64);
-                        // The timer ticks in milliseconds: sleeping for a moment already
-                        // past would still wait for the next tick and halve the rate.
-                        if at > Instant::now() {
-                            if !chunk.is_empty() {
-                                let ready =
-                                    std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
-                                if tx.send(ready).await.is_err() {
-                                    break;
-                                }
-                            }
-                            tokio::time::sleep_until(at.into()).await;
-                        }
-                        at
-                    }
-                    None => Instant::now(),
-                };
-                if stop_at.is_some_and(|t| scheduled >= t) {
-                    break;
-                }
-                let value = pool[(j as usize) % pool.len()].clone();
-                let d = producer
-                    .send(ProducerRecord {
-                        topic: topic.clone(),
-                        value: Some(value),
-                        ..ProducerRecord::default()
+            let record = move |j: u64| ProducerRecord {
+                topic: topic.clone(),
+                value: Some(pool[(j as usize) % pool.len()].clone()),
+                ..ProducerRecord::default()
+            };
+            match interval {
+                Some(iv) => {
+                    let producer = producer.clone();
+                    let runtime = tokio::runtime::Handle::current();
+                    let tx = tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let pace = Pace {
+                            begin,
+                            interval: iv,
+                            records: n,
+                            stop_at,
+                        };
+                        send_paced(&runtime, &producer, &pace, record, &tx);
                     })
-                    .await?;
-                chunk.push((scheduled, d));
-                if chunk.len() >= chunk_len {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
-                    if tx.send(full).await.is_err() {
-                        break;
+                    .await
+                    .map_err(|e| sluice_client::ClientError::Batch(format!("sender: {e}")))?;
+                }
+                None => {
+                    let mut chunk = Vec::with_capacity(chunk_len);
+                    let mut j = 0;
+                    while j < n {
+                        if stop_at.is_some_and(|t| Instant::now() >= t) {
+                            break;
+                        }
+                        let scheduled = Instant::now();
+                        if group == 1 {
+                            chunk.push((scheduled, producer.send(record(j)).await?));
+                            j += 1;
+                        } else {
+                            let end = (j + group).min(n);
+                            let sent = producer.send_many((j..end).map(&record)).await;
+                            chunk.extend(sent.into_iter().map(|d| (scheduled, d)));
+                            j = end;
+                        }
+                        if chunk.len() >= chunk_len {
+                            let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
+                            if tx.send(full).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    if !chunk.is_empty() {
+                        let _ = tx.send(chunk).await;
                     }
                 }
-            }
-            if !chunk.is_empty() {
-                let _ = tx.send(chunk).await;
             }
             producer.flush().await?;
             drop(tx);
@@ -300,6 +312,51 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             "{failed} records failed; first error: {e}"
         ))),
         None => Ok(()),
+    }
+}
+
+/// A fixed-rate schedule: record `j` is due at `begin + j * interval`.
+struct Pace {
+    begin: Instant,
+    interval: Duration,
+    records: u64,
+    stop_at: Option<Instant>,
+}
+
+/// Sends on schedule from a thread of its own: the runtime's timer ticks in whole
+/// milliseconds, so a task sleeping until a record is due would hold it up to a
+/// millisecond past its time (counted against the broker, since latency is timed from
+/// the schedule); a thread sleeps to within tens of microseconds. Each time it wakes it
+/// sends every record then due in one `send_many`, and hands their futures to the
+/// waiter before it sleeps again, so none waits in the tool while it sleeps.
+fn send_paced(
+    runtime: &tokio::runtime::Handle,
+    producer: &Producer,
+    pace: &Pace,
+    record: impl Fn(u64) -> ProducerRecord,
+    tx: &mpsc::Sender<Vec<(Instant, DeliveryFuture)>>,
+) {
+    let due = |j: u64| pace.begin + pace.interval.mul_f64(j as f64);
+    let mut j = 0;
+    while j < pace.records {
+        let now = Instant::now();
+        let next = due(j);
+        if pace.stop_at.is_some_and(|t| next >= t) {
+            break;
+        }
+        if next > now {
+            std::thread::sleep(next - now);
+            continue;
+        }
+        // Every record due by now, capped so one late wake does not build a huge call.
+        let behind = ((now - pace.begin).as_secs_f64() / pace.interval.as_secs_f64()) as u64;
+        let end = (behind + 1).clamp(j + 1, j + 4096).min(pace.records);
+        let sent = runtime.block_on(producer.send_many((j..end).map(&record)));
+        let chunk: Vec<_> = (j..end).map(due).zip(sent).collect();
+        j = end;
+        if tx.blocking_send(chunk).is_err() {
+            break;
+        }
     }
 }
 
