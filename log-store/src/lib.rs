@@ -22,5 +22,5 @@ pub use batch::{
 pub use config::{FlushPolicy, LogConfig};
 pub use epochs::{EpochEntry, EpochHistory};
 pub use error::{Error, Result};
-pub use log::{AppendInfo, AppendOptions, Log, OpenReport, Truncation};
+pub use log::{AppendInfo, AppendOptions, BackgroundFlush, FlushDone, Log, OpenReport, Truncation};
 pub use manager::{LogManager, TopicPartition};

@@ -68,6 +68,45 @@ pub struct Log {
     last_flush: Instant,
     poisoned: bool,
     epochs: EpochHistory,
+    /// A background flush is running: no other is started, and the interval policy does
+    /// not flush in line meanwhile.
+    flush_in_flight: bool,
+    /// Interval flushes are left to `start_background_flush`.
+    background_flush: bool,
+    /// Bumped by every truncation: a background flush begun before one does not move
+    /// the recovery point, since the offsets it covered may since hold other batches.
+    truncations: u64,
+}
+
+/// An fsync of the active segment taken off the append path, for `flush.policy=interval`:
+/// it runs on its own handle to the file while appends go on, so a second's worth of
+/// dirty pages does not stall the producers behind it.
+#[derive(Debug)]
+pub struct BackgroundFlush {
+    file: fs::File,
+    path: PathBuf,
+    upto: u64,
+    truncations: u64,
+}
+
+/// A finished background flush, to hand back to its log.
+#[derive(Debug)]
+pub struct FlushDone {
+    upto: u64,
+    truncations: u64,
+    result: Result<()>,
+}
+
+impl BackgroundFlush {
+    /// Runs the fsync (blocking).
+    pub fn run(self) -> FlushDone {
+        let result = self.file.sync_data().map_err(|e| Error::io(&self.path, e));
+        FlushDone {
+            upto: self.upto,
+            truncations: self.truncations,
+            result,
+        }
+    }
 }
 
 impl std::fmt::Debug for Log {
@@ -177,6 +216,9 @@ impl Log {
             last_flush: Instant::now(),
             poisoned: false,
             epochs: EpochHistory::empty(dir),
+            flush_in_flight: false,
+            background_flush: false,
+            truncations: 0,
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
         log.active().flush()?;
@@ -404,15 +446,68 @@ impl Log {
     }
 
     /// Flushes if the policy asks for it now: always under `EveryBatch` (when anything is
-    /// unflushed), when the interval has passed under `Interval`, never under `Os`.
+    /// unflushed), when the interval has passed under `Interval` (unless the owner took
+    /// those over with `flush_interval_in_background`), never under `Os`.
     pub fn apply_flush_policy(&mut self) -> Result<()> {
         let due = match self.config.flush {
             FlushPolicy::EveryBatch => true,
-            FlushPolicy::Interval(every) => self.last_flush.elapsed() >= every,
+            FlushPolicy::Interval(every) => {
+                !self.background_flush
+                    && !self.flush_in_flight
+                    && self.last_flush.elapsed() >= every
+            }
             FlushPolicy::Os => false,
         };
         if due && self.recovery_point < self.log_end_offset() {
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// From now on `apply_flush_policy` leaves `FlushPolicy::Interval` flushes to the
+    /// owner, who starts them with `start_background_flush`.
+    pub fn flush_interval_in_background(&mut self) {
+        self.background_flush = true;
+    }
+
+    /// Under `FlushPolicy::Interval`, when a flush is due and none is running: starts
+    /// one to run away from the appends (`BackgroundFlush::run`), whose result goes back
+    /// through `finish_background_flush`.
+    pub fn start_background_flush(&mut self) -> Result<Option<BackgroundFlush>> {
+        self.check_writable()?;
+        let FlushPolicy::Interval(every) = self.config.flush else {
+            return Ok(None);
+        };
+        let upto = self.log_end_offset();
+        if self.flush_in_flight || self.last_flush.elapsed() < every || self.recovery_point >= upto
+        {
+            return Ok(None);
+        }
+        let active = self.active();
+        let file = active.clone_file()?;
+        let path = active.log_path().to_path_buf();
+        self.flush_in_flight = true;
+        self.last_flush = Instant::now();
+        Ok(Some(BackgroundFlush {
+            file,
+            path,
+            upto,
+            truncations: self.truncations,
+        }))
+    }
+
+    /// Takes a background flush's result: on success the recovery point covers what it
+    /// flushed; a failed fsync poisons the log, as one in line does.
+    pub fn finish_background_flush(&mut self, done: FlushDone) -> Result<()> {
+        self.flush_in_flight = false;
+        if let Err(e) = done.result {
+            self.poisoned = true;
+            return Err(e);
+        }
+        if done.truncations == self.truncations {
+            self.recovery_point = self
+                .recovery_point
+                .max(done.upto.min(self.log_end_offset()));
         }
         Ok(())
     }
@@ -579,6 +674,7 @@ impl Log {
                 seg.delete()?;
             }
         }
+        self.truncations += 1;
         let new_end = self.active_mut().truncate_to(offset)?;
         sync_dir(&self.dir)?;
         self.recovery_point = self.recovery_point.min(new_end);
@@ -589,6 +685,7 @@ impl Log {
     /// Empties the log and restarts it at `start_offset`.
     pub fn truncate_fully(&mut self, start_offset: u64) -> Result<()> {
         self.check_writable()?;
+        self.truncations += 1;
         while let Some((_, seg)) = self.segments.pop_first() {
             seg.delete()?;
         }

@@ -548,6 +548,13 @@ impl Segment {
         }
     }
 
+    /// A second handle to the segment's file, to fsync it without holding the segment.
+    pub(crate) fn clone_file(&self) -> Result<File> {
+        self.file
+            .try_clone()
+            .map_err(|e| Error::io(&self.log_path, e))
+    }
+
     pub(crate) fn flush(&self) -> Result<()> {
         self.file
             .sync_data()

@@ -400,6 +400,56 @@ fn flush_policies_move_the_recovery_point() {
     assert_eq!(log.recovery_point(), 6);
 }
 
+#[test]
+fn interval_flushes_run_beside_appends_and_a_truncation_voids_one_in_flight() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::Interval(Duration::from_millis(20));
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.flush_interval_in_background();
+    log.append_deferred(&batch("a", 2, 1), opts())
+        .expect("append");
+    std::thread::sleep(Duration::from_millis(30));
+    // Due, but left to the owner: nothing is flushed in line.
+    log.apply_flush_policy().expect("policy");
+    assert_eq!(log.recovery_point(), 0);
+
+    let flush = log
+        .start_background_flush()
+        .expect("start")
+        .expect("a flush is due");
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "one at a time"
+    );
+    // Appends go on while it runs; it covers only what was there when it began.
+    log.append_deferred(&batch("b", 2, 1), opts())
+        .expect("append");
+    let done = std::thread::spawn(move || flush.run())
+        .join()
+        .expect("flush thread");
+    log.finish_background_flush(done).expect("finish");
+    assert_eq!(log.recovery_point(), 2);
+    assert_eq!(log.log_end_offset(), 4);
+
+    // A flush begun before a truncation does not vouch for the batches after it.
+    std::thread::sleep(Duration::from_millis(30));
+    let flush = log
+        .start_background_flush()
+        .expect("start")
+        .expect("a flush is due");
+    log.truncate_to(2).expect("truncate");
+    log.append_deferred(&batch("c", 2, 1), opts())
+        .expect("append");
+    log.finish_background_flush(flush.run()).expect("finish");
+    assert_eq!(log.recovery_point(), 2);
+    let kept: Vec<String> = values(&log.read(0, 1 << 20).expect("read"))
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(kept, ["a-0", "a-1", "c-0", "c-1"]);
+}
+
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut logs: Vec<_> = fs::read_dir(dir)
         .expect("dir")

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_log_store::{AppendOptions, BatchIter, FlushPolicy, Log, LogManager, TopicPartition};
+use sluice_log_store::{
+    AppendOptions, BatchIter, FlushDone, FlushPolicy, Log, LogManager, TopicPartition,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::replica::Replica;
@@ -50,6 +52,7 @@ fn now_ms() -> i64 {
 enum Work {
     Commands(Vec<Command>),
     Tick,
+    Flushed(FlushDone),
 }
 
 /// What a round asks of the loop afterwards.
@@ -62,8 +65,14 @@ pub(super) async fn run(mut task: Task) {
     let mut ticker = tokio::time::interval(tick_interval(&task.config));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_retention = Instant::now();
+    // Interval flushes run beside the rounds and report here when done.
+    let (flushed_tx, mut flushed_rx) = mpsc::unbounded_channel::<FlushDone>();
+    if let Some((log, _)) = task.log.as_mut() {
+        log.flush_interval_in_background();
+    }
     loop {
         let work = tokio::select! {
+            Some(done) = flushed_rx.recv() => Work::Flushed(done),
             cmd = task.rx.recv() => match cmd {
                 Some(first) => {
                     let mut cmds = vec![first];
@@ -113,11 +122,30 @@ pub(super) async fn run(mut task: Task) {
                     (After::Stop, None)
                 }
                 Work::Commands(cmds) => run_round(&mut owned, cmds, &config, &manager, &state),
+                Work::Flushed(done) => {
+                    if let Some((log, replica)) = owned.as_mut() {
+                        if let Err(e) = log.finish_background_flush(done) {
+                            let e = BrokerError::from(e);
+                            tracing::error!(partition = %tp, error = %e, "flush failed");
+                            replica.fail_pending(&e);
+                        }
+                        settle(&state, log, replica, &config);
+                    }
+                    (After::Continue, None)
+                }
             };
-            (owned, changed.unwrap_or(config), after)
+            let background = match owned.as_mut().map(|(log, _)| log.start_background_flush()) {
+                Some(Ok(flush)) => flush,
+                Some(Err(e)) => {
+                    tracing::error!(partition = %tp, error = %e, "flush could not start");
+                    None
+                }
+                None => None,
+            };
+            (owned, changed.unwrap_or(config), after, background)
         })
         .await;
-        let (owned, config, after) = match round {
+        let (owned, config, after, background) = match round {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(partition = %task.tp, error = %e, "partition round panicked");
@@ -126,6 +154,13 @@ pub(super) async fn run(mut task: Task) {
         };
         if config.log.flush != task.config.log.flush {
             ticker = tokio::time::interval(tick_interval(&config));
+        }
+        if let Some(flush) = background {
+            let flushed_tx = flushed_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                // The task may have stopped meanwhile; the fsync has still happened.
+                let _ = flushed_tx.send(flush.run());
+            });
         }
         task.config = config;
         task.log = owned;
