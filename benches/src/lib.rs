@@ -171,3 +171,43 @@ mod tests {
         assert!(!dd_file.exists());
     }
 }
+
+/// A fixed-rate schedule for the peers' load tools: record `i` of a publisher is due at
+/// `start + i * interval`, and latency is timed from then, as `sluice bench produce
+/// --throughput` does.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    start: Instant,
+    interval: Duration,
+}
+
+impl Schedule {
+    /// A schedule of `per_second` records a second from now.
+    pub fn new(per_second: f64) -> Schedule {
+        Schedule {
+            start: Instant::now(),
+            interval: Duration::from_secs_f64(1.0 / per_second.max(1e-9)),
+        }
+    }
+
+    /// When record `i` is due.
+    pub fn due(&self, i: u64) -> Instant {
+        self.start + self.interval.mul_f64(i as f64)
+    }
+
+    /// Blocks this thread until record `next` is due, then returns the end (exclusive,
+    /// at most `limit`) of the run of records due by now, so a late wake sends them
+    /// together. A thread sleeps to within tens of microseconds; an async runtime's
+    /// timer ticks in milliseconds and would count its lateness against the server.
+    pub fn wait_due(&self, next: u64, limit: u64) -> u64 {
+        let at = self.due(next);
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        let behind = (Instant::now() - self.start).as_secs_f64() / self.interval.as_secs_f64();
+        ((behind as u64) + 1)
+            .clamp(next + 1, next + 4096)
+            .min(limit)
+    }
+}

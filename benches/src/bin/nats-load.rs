@@ -3,13 +3,13 @@
 //! publishes awaiting their acks, and prints records/s and ack latency percentiles in
 //! the same shape as `sluice bench produce`.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use clap::Parser;
-use sluice_benches::{peer_payloads, percentile_ms, share};
+use sluice_benches::{peer_payloads, percentile_ms, share, Schedule};
+use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
 #[command(about = "Publish to a NATS JetStream stream and report throughput")]
@@ -32,6 +32,10 @@ struct Args {
     /// Concurrent publishers, each on its own connection, sharing the stream.
     #[arg(long, default_value_t = 1)]
     producers: u32,
+    /// Records per second across publishers (0: as fast as the window allows). Latency
+    /// is then timed from each record's scheduled send.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Replicas of the stream (3 needs a three-server cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -73,39 +77,94 @@ async fn create_stream(
     }
 }
 
+/// One publisher's sending side: a window of publishes awaiting acks, whose acks a
+/// waiter task takes in order and times as they arrive.
+struct Publisher {
+    js: jetstream::Context,
+    subject: String,
+    pool: Arc<Vec<bytes::Bytes>>,
+    window: Arc<Semaphore>,
+    acks: mpsc::UnboundedSender<(Instant, PublishAckFuture)>,
+}
+
+impl Publisher {
+    async fn send(&self, i: u64, sent: Instant) -> Result<(), BoxError> {
+        self.window.acquire().await?.forget();
+        let ack = self
+            .js
+            .publish(
+                self.subject.clone(),
+                self.pool[(i % self.pool.len() as u64) as usize].clone(),
+            )
+            .await?;
+        self.acks
+            .send((sent, ack))
+            .map_err(|_| "the ack waiter stopped")?;
+        Ok(())
+    }
+}
+
 async fn publish(
     url: String,
     subject: String,
     pool: Arc<Vec<bytes::Bytes>>,
     records: u64,
     window: usize,
+    rate: Option<f64>,
 ) -> Result<Vec<u32>, BoxError> {
     let js = jetstream::new(async_nats::connect(&url).await?);
-    let mut in_flight = VecDeque::with_capacity(window);
-    let mut latencies = Vec::with_capacity(records as usize);
-    for i in 0..records {
-        if in_flight.len() >= window {
-            if let Some((sent, ack)) = in_flight.pop_front() {
-                let ack: jetstream::context::PublishAckFuture = ack;
-                ack.await?;
-                let sent: Instant = sent;
-                latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-            }
+    let window = Arc::new(Semaphore::new(window));
+    let (acks, mut pending) = mpsc::unbounded_channel::<(Instant, PublishAckFuture)>();
+    let permits = Arc::clone(&window);
+    // The connection closes with its last handle, failing the acks still due: the
+    // waiter keeps one until it has them all.
+    let connection = js.clone();
+    let waiter = tokio::spawn(async move {
+        let _connection = connection;
+        let mut latencies = Vec::with_capacity(records as usize);
+        while let Some((sent, ack)) = pending.recv().await {
+            ack.await?;
+            latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            permits.add_permits(1);
         }
-        let sent = Instant::now();
-        let ack = js
-            .publish(
-                subject.clone(),
-                pool[(i % pool.len() as u64) as usize].clone(),
-            )
-            .await?;
-        in_flight.push_back((sent, ack));
+        Ok::<_, BoxError>(latencies)
+    });
+    let publisher = Publisher {
+        js,
+        subject,
+        pool,
+        window,
+        acks,
+    };
+    match rate {
+        None => {
+            for i in 0..records {
+                publisher.send(i, Instant::now()).await?;
+            }
+            // Closes the ack channel: the waiter ends once the last ack is in.
+            drop(publisher);
+        }
+        Some(per_second) => {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let schedule = Schedule::new(per_second);
+                let mut i = 0;
+                while i < records {
+                    let end = schedule.wait_due(i, records);
+                    runtime.block_on(async {
+                        for j in i..end {
+                            publisher.send(j, schedule.due(j)).await?;
+                        }
+                        Ok::<_, BoxError>(())
+                    })?;
+                    i = end;
+                }
+                Ok::<_, BoxError>(())
+            })
+            .await??;
+        }
     }
-    while let Some((sent, ack)) = in_flight.pop_front() {
-        ack.await?;
-        latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-    }
-    Ok(latencies)
+    waiter.await?
 }
 
 #[tokio::main]
@@ -133,6 +192,7 @@ async fn main() -> Result<(), BoxError> {
             pool.clone(),
             n,
             args.window,
+            (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
         )));
     }
     let mut latencies = Vec::with_capacity(args.records as usize);

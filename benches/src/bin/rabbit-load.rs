@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rabbitmq_stream_client::types::Message;
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
-use sluice_benches::{peer_payloads, percentile_ms, share};
+use sluice_benches::{peer_payloads, percentile_ms, share, Schedule};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -39,6 +39,10 @@ struct Args {
     /// Longest a partial publish frame waits for more messages (ms).
     #[arg(long, default_value_t = 1)]
     batch_delay_ms: u64,
+    /// Records per second across producers (0: as fast as the window allows). Latency
+    /// is then timed from each record's scheduled send.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Concurrent producers, each on its own connection, sharing the stream.
     #[arg(long, default_value_t = 1)]
     producers: u32,
@@ -52,15 +56,29 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// One confirm, as the callback reports it: microseconds since the send, or a failure.
 type Outcome = Result<u32, String>;
 
-async fn run_producer(
-    env: Environment,
-    stream: String,
-    pool: Arc<Vec<Vec<u8>>>,
+/// One producer's share of the run and how it sends.
+struct Load {
     records: u64,
     window: usize,
     batch_size: usize,
     batch_delay: Duration,
+    /// Records per second, when paced.
+    rate: Option<f64>,
+}
+
+async fn run_producer(
+    env: Environment,
+    stream: String,
+    pool: Arc<Vec<Vec<u8>>>,
+    load: Load,
 ) -> Result<(Vec<u32>, u64, Option<String>), BoxError> {
+    let Load {
+        records,
+        window,
+        batch_size,
+        batch_delay,
+        rate,
+    } = load;
     let producer = env
         .producer()
         .batch_size(batch_size)
@@ -70,28 +88,59 @@ async fn run_producer(
     // A permit per unconfirmed publish: the confirm callback hands it back.
     let permits = Arc::new(Semaphore::new(window));
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
-    for i in 0..records {
-        permits.acquire().await?.forget();
-        let body = pool[(i % pool.len() as u64) as usize].clone();
-        let sent = Instant::now();
-        let tx = tx.clone();
+    let send = |i: u64, sent: Instant| {
         let permits = permits.clone();
-        producer
-            .send(Message::builder().body(body).build(), move |status| {
-                let outcome = match status {
-                    Ok(s) if s.confirmed() => {
-                        Ok(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
-                    }
-                    Ok(s) => Err(format!("not confirmed: {:?}", s.status())),
-                    Err(e) => Err(e.to_string()),
-                };
-                // The receiver outlives every callback; a closed channel means the run
-                // is already over and the outcome is not needed.
-                let _ = tx.send(outcome);
-                permits.add_permits(1);
-                async {}
-            })
-            .await?;
+        let tx = tx.clone();
+        let producer = &producer;
+        let body = pool[(i % pool.len() as u64) as usize].clone();
+        async move {
+            permits.acquire().await?.forget();
+            let released = permits.clone();
+            producer
+                .send(Message::builder().body(body).build(), move |status| {
+                    let outcome = match status {
+                        Ok(s) if s.confirmed() => {
+                            Ok(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                        }
+                        Ok(s) => Err(format!("not confirmed: {:?}", s.status())),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    // The receiver outlives every callback; a closed channel means the
+                    // run is already over and the outcome is not needed.
+                    let _ = tx.send(outcome);
+                    released.add_permits(1);
+                    async {}
+                })
+                .await?;
+            Ok::<_, BoxError>(())
+        }
+    };
+    match rate {
+        None => {
+            for i in 0..records {
+                send(i, Instant::now()).await?;
+            }
+        }
+        Some(per_second) => {
+            let runtime = tokio::runtime::Handle::current();
+            // Paced from a thread of this task's own: block_in_place lets it sleep
+            // precisely without holding up the runtime's other work.
+            tokio::task::block_in_place(|| {
+                let schedule = Schedule::new(per_second);
+                let mut i = 0;
+                while i < records {
+                    let end = schedule.wait_due(i, records);
+                    runtime.block_on(async {
+                        for j in i..end {
+                            send(j, schedule.due(j)).await?;
+                        }
+                        Ok::<_, BoxError>(())
+                    })?;
+                    i = end;
+                }
+                Ok::<_, BoxError>(())
+            })?;
+        }
     }
     drop(tx);
     let mut latencies = Vec::with_capacity(records as usize);
@@ -148,10 +197,13 @@ async fn main() -> Result<(), BoxError> {
             env.clone(),
             args.stream.clone(),
             pool.clone(),
-            n,
-            args.window,
-            args.batch_size,
-            Duration::from_millis(args.batch_delay_ms),
+            Load {
+                records: n,
+                window: args.window,
+                batch_size: args.batch_size,
+                batch_delay: Duration::from_millis(args.batch_delay_ms),
+                rate: (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
+            },
         )));
     }
     let mut latencies = Vec::with_capacity(args.records as usize);
