@@ -215,6 +215,56 @@ fn consume_from_time_starts_at_the_first_later_record() {
     assert!(broker.sigterm());
 }
 
+#[test]
+fn bench_produce_paces_groups_and_reads_every_record_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let b = broker.address().to_string();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "--output",
+            "json",
+            "bench",
+            "produce",
+            "--topic",
+            "loaded",
+            "--records",
+            "3000",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&sluice(&b, &args, ""))).expect("json")
+    };
+    // Paced at 20,000 a second: 3,000 records take about 150 ms, all acked, and the
+    // reader sees every one of them.
+    let paced = run(&["--throughput", "20000", "--end-to-end"]);
+    assert_eq!(paced["records"], 3000, "{paced}");
+    assert_eq!(paced["failed"], 0, "{paced}");
+    assert_eq!(paced["end_to_end_ms"]["records"], 3000, "{paced}");
+    let seconds = paced["seconds"].as_f64().expect("seconds");
+    assert!(seconds >= 0.14, "paced to the rate: {paced}");
+    // In groups, flat out.
+    let grouped = run(&["--send-many", "1000"]);
+    assert_eq!(grouped["records"], 3000, "{grouped}");
+    let err = sluice(
+        &b,
+        &[
+            "bench",
+            "produce",
+            "--topic",
+            "loaded",
+            "--record-size",
+            "4",
+            "--end-to-end",
+        ],
+        "",
+    );
+    assert!(
+        !err.status.success(),
+        "a record too small for its send time is refused"
+    );
+    assert!(broker.sigterm());
+}
+
 /// The README's quick start, run as written with the built binaries first on PATH.
 #[test]
 fn readme_quick_start_runs_as_written() {

@@ -69,6 +69,11 @@ pub struct ProduceBench {
     /// send.
     #[arg(long, default_value_t = 1)]
     send_many: u32,
+    /// Also time each record end to end, from its send (scheduled, under --throughput)
+    /// to its arrival at a consumer reading the topic alongside; the record carries its
+    /// send time in its first 8 bytes.
+    #[arg(long)]
+    end_to_end: bool,
     /// Partitions when the topic has to be created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
@@ -154,8 +159,23 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             "--producers, --records and --send-many must be positive".into(),
         ));
     }
+    if args.end_to_end && args.record_size < 8 {
+        return Err(CliError::Usage(
+            "--end-to-end needs --record-size of at least 8 (the send time)".into(),
+        ));
+    }
     ensure_topic(global, &args).await?;
     let pool = payloads(args.record_size, 1024);
+    // Send times travel in the records as nanoseconds since this instant.
+    let epoch = Instant::now();
+    let (expected_tx, expected_rx) = tokio::sync::watch::channel(None);
+    // The reader is at the log end before the first record goes.
+    let reader = if args.end_to_end {
+        Some(read_back(global, &args.topic, epoch, expected_rx).await?)
+    } else {
+        None
+    };
+    let end_to_end = args.end_to_end;
     let per_producer = args.records / u64::from(args.producers);
     let extra = args.records % u64::from(args.producers);
     let started = Instant::now();
@@ -208,10 +228,22 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             });
             let begin = Instant::now();
             let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
-            let record = move |j: u64| ProducerRecord {
-                topic: topic.clone(),
-                value: Some(pool[(j as usize) % pool.len()].clone()),
-                ..ProducerRecord::default()
+            let record = move |j: u64| {
+                let payload = &pool[(j as usize) % pool.len()];
+                let value = if end_to_end {
+                    let sent = match interval {
+                        Some(iv) => begin + iv.mul_f64(j as f64),
+                        None => Instant::now(),
+                    };
+                    stamp(payload, sent.duration_since(epoch))
+                } else {
+                    payload.clone()
+                };
+                ProducerRecord {
+                    topic: topic.clone(),
+                    value: Some(value),
+                    ..ProducerRecord::default()
+                }
             };
             match interval {
                 Some(iv) => {
@@ -280,6 +312,15 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let _ = expected_tx.send(Some(latencies.len() as u64));
+    let read_back = match reader {
+        Some(reading) => Some(
+            reading
+                .await
+                .map_err(|e| CliError::Usage(format!("reader: {e}")))??,
+        ),
+        None => None,
+    };
     latencies.sort_unstable();
     let acked = latencies.len() as u64;
     let rps = acked as f64 / secs;
@@ -290,8 +331,29 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         percentile(&latencies, 0.999),
         percentile(&latencies, 1.0),
     );
+    let e2e = read_back.map(|r| {
+        (
+            r.latencies.len(),
+            percentile(&r.latencies, 0.50),
+            percentile(&r.latencies, 0.99),
+            percentile(&r.latencies, 0.999),
+            percentile(&r.latencies, 1.0),
+        )
+    });
+    if let Some((n, p50, p99, p999, max)) = e2e {
+        if global.output == Output::Table {
+            println!(
+                "end to end ({n} records read back): p50 {p50:.2} ms, p99 {p99:.2} ms, \
+                 p99.9 {p999:.2} ms, max {max:.2} ms"
+            );
+        }
+    }
+    let e2e_json = e2e.map(|(n, p50, p99, p999, max)| {
+        json!({ "records": n, "p50": p50, "p99": p99, "p99_9": p999, "max": max })
+    });
     match global.output {
         Output::Json => print_json(&json!({
+            "end_to_end_ms": e2e_json,
             "records": acked,
             "failed": failed,
             "seconds": secs,
@@ -313,6 +375,69 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A copy of `payload` whose first 8 bytes carry `since_epoch` in nanoseconds.
+fn stamp(payload: &Bytes, since_epoch: Duration) -> Bytes {
+    let mut v = payload.to_vec();
+    let nanos = u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX);
+    v[..8].copy_from_slice(&nanos.to_le_bytes());
+    Bytes::from(v)
+}
+
+/// What the end-to-end reader saw: one latency (µs) per record read back, sorted.
+struct ReadBack {
+    latencies: Vec<u32>,
+}
+
+/// Opens a consumer at the end of every partition of `topic`, then reads in the
+/// background, timing each record from the send time it carries to the poll that
+/// returned it, until it has read `expected` records (known once the producers are
+/// done) or nothing new has come for 10 s.
+async fn read_back(
+    global: &Global,
+    topic: &str,
+    epoch: Instant,
+    mut expected: tokio::sync::watch::Receiver<Option<u64>>,
+) -> Result<tokio::task::JoinHandle<Result<ReadBack, CliError>>, CliError> {
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        brokers: global.brokers.clone(),
+        auto_offset_reset: OffsetReset::Latest,
+        ..ConsumerConfig::default()
+    })
+    .await?;
+    consumer.assign_topic(topic).await?;
+    consumer.seek_to_end().await?;
+    Ok(tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        let mut last_new = Instant::now();
+        loop {
+            let records = consumer.poll(Duration::from_millis(100)).await?;
+            let now = epoch.elapsed();
+            if !records.is_empty() {
+                last_new = Instant::now();
+            }
+            for r in records {
+                let sent = r
+                    .value
+                    .as_deref()
+                    .and_then(|v| v.get(..8))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes);
+                let Some(sent) = sent else { continue };
+                let micros = now.saturating_sub(Duration::from_nanos(sent)).as_micros();
+                latencies.push(micros.min(u128::from(u32::MAX)) as u32);
+            }
+            let target = *expected.borrow_and_update();
+            match target {
+                Some(n) if latencies.len() as u64 >= n => break,
+                Some(_) if last_new.elapsed() > Duration::from_secs(10) => break,
+                _ => {}
+            }
+        }
+        latencies.sort_unstable();
+        Ok(ReadBack { latencies })
+    }))
 }
 
 /// A fixed-rate schedule: record `j` is due at `begin + j * interval`.
