@@ -320,6 +320,9 @@ impl Future for DeliveryWait {
     }
 }
 
+/// Records `send_many` appends under one hold of the producer's lock.
+const SEND_MANY_RUN: usize = 1024;
+
 /// Sends records to topics.
 #[derive(Debug, Clone)]
 pub struct Producer {
@@ -371,17 +374,20 @@ impl Producer {
         &self,
         records: impl IntoIterator<Item = ProducerRecord>,
     ) -> Vec<DeliveryFuture> {
-        let mut records = records.into_iter();
+        let mut records = records.into_iter().peekable();
         let mut out = Vec::with_capacity(records.size_hint().0);
-        while let Some((record, blocked)) = self.accumulator.try_append_many(&mut records, &mut out)
-        {
-            let topic = Arc::clone(&record.topic);
-            let partition = record.partition.unwrap_or(0);
-            out.push(
-                self.append_blocked(record, blocked)
-                    .await
-                    .unwrap_or_else(|e| DeliveryFuture::failed(topic, partition, e)),
-            );
+        while records.peek().is_some() {
+            // The lock is let go between runs, so the sender can take batches meanwhile.
+            let mut run = records.by_ref().take(SEND_MANY_RUN);
+            if let Some((record, blocked)) = self.accumulator.try_append_many(&mut run, &mut out) {
+                let topic = Arc::clone(&record.topic);
+                let partition = record.partition.unwrap_or(0);
+                out.push(
+                    self.append_blocked(record, blocked)
+                        .await
+                        .unwrap_or_else(|e| DeliveryFuture::failed(topic, partition, e)),
+                );
+            }
         }
         out
     }
