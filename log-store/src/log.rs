@@ -474,10 +474,13 @@ impl Log {
     /// one to run away from the appends (`BackgroundFlush::run`), whose result goes back
     /// through `finish_background_flush`.
     pub fn start_background_flush(&mut self) -> Result<Option<BackgroundFlush>> {
-        self.check_writable()?;
         let FlushPolicy::Interval(every) = self.config.flush else {
             return Ok(None);
         };
+        if self.poisoned {
+            // Every append already reports it; a flush has nothing it could vouch for.
+            return Ok(None);
+        }
         let upto = self.log_end_offset();
         if self.flush_in_flight || self.last_flush.elapsed() < every || self.recovery_point >= upto
         {
