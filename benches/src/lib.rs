@@ -210,4 +210,31 @@ impl Schedule {
             .clamp(next + 1, next + 4096)
             .min(limit)
     }
+
+    /// Sends records `0..records` on schedule from the calling thread, which may block:
+    /// each time it wakes, every record then due goes through `send(i, due)` on
+    /// `runtime`. Stops at the first error.
+    pub fn drive<E, F, Fut>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        records: u64,
+        mut send: F,
+    ) -> Result<(), E>
+    where
+        F: FnMut(u64, Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let mut i = 0;
+        while i < records {
+            let end = self.wait_due(i, records);
+            runtime.block_on(async {
+                for j in i..end {
+                    send(j, self.due(j)).await?;
+                }
+                Ok(())
+            })?;
+            i = end;
+        }
+        Ok(())
+    }
 }

@@ -147,19 +147,8 @@ async fn publish(
         Some(per_second) => {
             let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                let schedule = Schedule::new(per_second);
-                let mut i = 0;
-                while i < records {
-                    let end = schedule.wait_due(i, records);
-                    runtime.block_on(async {
-                        for j in i..end {
-                            publisher.send(j, schedule.due(j)).await?;
-                        }
-                        Ok::<_, BoxError>(())
-                    })?;
-                    i = end;
-                }
-                Ok::<_, BoxError>(())
+                let publisher = &publisher;
+                Schedule::new(per_second).drive(&runtime, records, |j, due| publisher.send(j, due))
             })
             .await??;
         }

@@ -126,19 +126,7 @@ async fn run_producer(
             // Paced from a thread of this task's own: block_in_place lets it sleep
             // precisely without holding up the runtime's other work.
             tokio::task::block_in_place(|| {
-                let schedule = Schedule::new(per_second);
-                let mut i = 0;
-                while i < records {
-                    let end = schedule.wait_due(i, records);
-                    runtime.block_on(async {
-                        for j in i..end {
-                            send(j, schedule.due(j)).await?;
-                        }
-                        Ok::<_, BoxError>(())
-                    })?;
-                    i = end;
-                }
-                Ok::<_, BoxError>(())
+                Schedule::new(per_second).drive(&runtime, records, &send)
             })?;
         }
     }
