@@ -450,6 +450,26 @@ fn interval_flushes_run_beside_appends_and_a_truncation_voids_one_in_flight() {
     assert_eq!(kept, ["a-0", "a-1", "c-0", "c-1"]);
 }
 
+#[test]
+fn early_writeback_under_the_interval_policy_is_not_a_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::Interval(Duration::from_secs(3600));
+    let mut log = Log::open(dir.path(), config).expect("open");
+    // Past the 8 MiB after which writeback of the tail is started.
+    let mut appended = 0;
+    while log.size_bytes() < 10 << 20 {
+        log.append_deferred(&sized_batch(64, 1024, appended), opts())
+            .expect("append");
+        appended += 64;
+        log.apply_flush_policy().expect("policy");
+    }
+    // Writeback was only started: the recovery point still says nothing is on disk.
+    assert_eq!(log.recovery_point(), 0);
+    assert_eq!(log.log_end_offset(), appended as u64);
+    assert_eq!(log.verify().expect("verify") as i64, appended / 64);
+}
+
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut logs: Vec<_> = fs::read_dir(dir)
         .expect("dir")
