@@ -66,7 +66,8 @@ pub struct ProduceBench {
     duration_secs: u64,
     /// Records handed to the producer per call: 1 sends each with `send`; more use
     /// `send_many`, one call per group, every record of a group timed from the group's
-    /// send.
+    /// send. Under --throughput the records due at each wake go in one `send_many`
+    /// whatever this says.
     #[arg(long, default_value_t = 1)]
     send_many: u32,
     /// Also time each record end to end, from its send (scheduled, under --throughput)
