@@ -16,6 +16,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 mod group;
+pub mod pace;
 pub mod producer;
 mod routes;
 
@@ -24,6 +25,7 @@ pub use consumer::{
     AssignmentListener, Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, TopicPartition,
 };
 pub use error::{ClientError, Result};
+pub use pace::Schedule;
 pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
 };

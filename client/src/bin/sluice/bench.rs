@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use sluice_client::{
     Acks, Admin, Compression, Consumer, ConsumerConfig, DeliveryFuture, ErrorReason, NewTopic,
-    OffsetReset, Producer, ProducerConfig, ProducerRecord,
+    OffsetReset, Producer, ProducerConfig, ProducerRecord, Schedule,
 };
 use tokio::sync::mpsc;
 
@@ -229,11 +229,12 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             });
             let begin = Instant::now();
             let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
+            let schedule = interval.map(|iv| Schedule::starting_at(begin, iv));
             let record = move |j: u64| {
                 let payload = &pool[(j as usize) % pool.len()];
                 let value = if end_to_end {
-                    let sent = match interval {
-                        Some(iv) => begin + iv.mul_f64(j as f64),
+                    let sent = match schedule {
+                        Some(s) => s.due(j),
                         None => Instant::now(),
                     };
                     stamp(payload, sent.duration_since(epoch))
@@ -246,15 +247,14 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                     ..ProducerRecord::default()
                 }
             };
-            match interval {
-                Some(iv) => {
+            match schedule {
+                Some(schedule) => {
                     let producer = producer.clone();
                     let runtime = tokio::runtime::Handle::current();
                     let tx = tx.clone();
                     tokio::task::spawn_blocking(move || {
                         let pace = Pace {
-                            begin,
-                            interval: iv,
+                            schedule,
                             records: n,
                             stop_at,
                         };
@@ -441,20 +441,17 @@ async fn read_back(
     }))
 }
 
-/// A fixed-rate schedule: record `j` is due at `begin + j * interval`.
+/// A paced run: its schedule, its records, and when to stop if they last longer.
 struct Pace {
-    begin: Instant,
-    interval: Duration,
+    schedule: Schedule,
     records: u64,
     stop_at: Option<Instant>,
 }
 
-/// Sends on schedule from a thread of its own: the runtime's timer ticks in whole
-/// milliseconds, so a task sleeping until a record is due would hold it up to a
-/// millisecond past its time (counted against the broker, since latency is timed from
-/// the schedule); a thread sleeps to within tens of microseconds. Each time it wakes it
-/// sends every record then due in one `send_many`, and hands their futures to the
-/// waiter before it sleeps again, so none waits in the tool while it sleeps.
+/// Sends on schedule from a thread of its own (see `Schedule::wait_due` for why a
+/// thread). Each time it wakes it sends every record then due in one `send_many`, and
+/// hands their futures to the waiter before it sleeps again, so none waits in the tool
+/// while it sleeps.
 fn send_paced(
     runtime: &tokio::runtime::Handle,
     producer: &Producer,
@@ -462,23 +459,15 @@ fn send_paced(
     record: impl Fn(u64) -> ProducerRecord,
     tx: &mpsc::Sender<Vec<(Instant, DeliveryFuture)>>,
 ) {
-    let due = |j: u64| pace.begin + pace.interval.mul_f64(j as f64);
+    let schedule = &pace.schedule;
     let mut j = 0;
     while j < pace.records {
-        let now = Instant::now();
-        let next = due(j);
-        if pace.stop_at.is_some_and(|t| next >= t) {
+        if pace.stop_at.is_some_and(|t| schedule.due(j) >= t) {
             break;
         }
-        if next > now {
-            std::thread::sleep(next - now);
-            continue;
-        }
-        // Every record due by now, capped so one late wake does not build a huge call.
-        let behind = ((now - pace.begin).as_secs_f64() / pace.interval.as_secs_f64()) as u64;
-        let end = (behind + 1).clamp(j + 1, j + 4096).min(pace.records);
+        let end = schedule.wait_due(j, pace.records);
         let sent = runtime.block_on(producer.send_many((j..end).map(&record)));
-        let chunk: Vec<_> = (j..end).map(due).zip(sent).collect();
+        let chunk: Vec<_> = (j..end).map(|k| schedule.due(k)).zip(sent).collect();
         j = end;
         if tx.blocking_send(chunk).is_err() {
             break;
