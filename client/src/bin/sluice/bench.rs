@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use sluice_client::{
@@ -75,6 +75,11 @@ pub struct ProduceBench {
     /// send time in its first 8 bytes.
     #[arg(long)]
     end_to_end: bool,
+    /// Leave the records sent in the first this many seconds out of the latencies (a
+    /// warm-up, as OpenMessaging Benchmark runs one): connections, buffers and the
+    /// log's first pages settle while they go. They are still sent and counted.
+    #[arg(long, default_value_t = 0.0)]
+    warmup_secs: f64,
     /// Partitions when the topic has to be created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
@@ -165,24 +170,15 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             "--end-to-end needs --record-size of at least 8 (the send time)".into(),
         ));
     }
+    if !(args.warmup_secs >= 0.0 && args.warmup_secs.is_finite()) {
+        return Err(CliError::Usage(
+            "--warmup-secs must be a number of seconds, 0 or more".into(),
+        ));
+    }
     ensure_topic(global, &args).await?;
     let pool = payloads(args.record_size, 1024);
-    // Send times travel in the records as nanoseconds since this instant.
-    let epoch = Instant::now();
-    let (expected_tx, expected_rx) = tokio::sync::watch::channel(None);
-    // The reader is at the log end before the first record goes.
-    let reader = if args.end_to_end {
-        Some(read_back(global, &args.topic, epoch, expected_rx).await?)
-    } else {
-        None
-    };
-    let end_to_end = args.end_to_end;
-    let per_producer = args.records / u64::from(args.producers);
-    let extra = args.records % u64::from(args.producers);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..args.producers {
-        let n = per_producer + u64::from(u64::from(i) < extra);
+    let mut producers = Vec::new();
+    for _ in 0..args.producers {
         let producer = Producer::connect(ProducerConfig {
             brokers: global.brokers.clone(),
             acks: args.acks,
@@ -196,6 +192,26 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         .await?;
         // Metadata is looked up before the clock starts, not charged to the first record.
         producer.partitions_for(&args.topic).await?;
+        producers.push(producer);
+    }
+    // The reader is at the log end before the first record goes.
+    let reader = match args.end_to_end {
+        true => Some(open_reader(global, &args.topic).await?),
+        false => None,
+    };
+    // Every producer starts now; send times travel in the records as nanoseconds since.
+    let started = Instant::now();
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
+    // Records due (or sent) before this are the warm-up: sent, not timed.
+    let measure_from = started + warmup;
+    let (expected_tx, expected_rx) = tokio::sync::watch::channel(None);
+    let reader = reader.map(|consumer| read_back(consumer, started, warmup, expected_rx));
+    let end_to_end = args.end_to_end;
+    let per_producer = args.records / u64::from(args.producers);
+    let extra = args.records % u64::from(args.producers);
+    let mut tasks = Vec::new();
+    for (i, producer) in producers.into_iter().enumerate() {
+        let n = per_producer + u64::from((i as u64) < extra);
         let pool = pool.clone();
         let topic: std::sync::Arc<str> = args.topic.as_str().into();
         // Each producer gets its share of the rate.
@@ -211,13 +227,19 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             let waiter = tokio::spawn(async move {
                 // A sustained run's record count is only a cap: grow past this instead.
                 let mut lat = Vec::with_capacity(n.min(1 << 24) as usize);
+                let mut acked = 0u64;
                 let mut failed = 0u64;
                 let mut first_error = None;
                 while let Some(chunk) = rx.recv().await {
                     for (sent, d) in chunk {
                         match d.await {
-                            Ok(_) => lat
-                                .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
+                            Ok(_) => {
+                                acked += 1;
+                                if sent >= measure_from {
+                                    let micros = sent.elapsed().as_micros();
+                                    lat.push(micros.min(u128::from(u32::MAX)) as u32);
+                                }
+                            }
                             Err(e) => {
                                 failed += 1;
                                 first_error.get_or_insert(e);
@@ -225,19 +247,20 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                         }
                     }
                 }
-                (lat, failed, first_error)
+                (lat, acked, failed, first_error)
             });
-            let begin = Instant::now();
+            let begin = started;
             let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
             let schedule = interval.map(|iv| Schedule::starting_at(begin, iv));
-            let record = move |j: u64| {
+            let mut arena = BytesMut::new();
+            let mut record = move |j: u64| {
                 let payload = &pool[(j as usize) % pool.len()];
                 let value = if end_to_end {
                     let sent = match schedule {
                         Some(s) => s.due(j),
                         None => Instant::now(),
                     };
-                    stamp(payload, sent.duration_since(epoch))
+                    stamp(&mut arena, payload, sent.duration_since(started))
                 } else {
                     payload.clone()
                 };
@@ -272,11 +295,12 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                         }
                         let scheduled = Instant::now();
                         if group == 1 {
-                            chunk.push((scheduled, producer.send(record(j)).await?));
+                            let r = record(j);
+                            chunk.push((scheduled, producer.send(r).await?));
                             j += 1;
                         } else {
                             let end = (j + group).min(n);
-                            let sent = producer.send_many((j..end).map(&record)).await;
+                            let sent = producer.send_many((j..end).map(&mut record)).await;
                             chunk.extend(sent.into_iter().map(|d| (scheduled, d)));
                             j = end;
                         }
@@ -300,20 +324,22 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         }));
     }
     let mut latencies = Vec::new();
+    let mut acked = 0;
     let mut failed = 0;
     let mut first_error = None;
     for t in tasks {
-        let (lat, f, e) = t
+        let (lat, a, f, e) = t
             .await
             .map_err(|e| CliError::Usage(format!("producer task failed: {e}")))??;
         latencies.extend(lat);
+        acked += a;
         failed += f;
         if first_error.is_none() {
             first_error = e;
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let _ = expected_tx.send(Some(latencies.len() as u64));
+    let _ = expected_tx.send(Some(acked));
     let read_back = match reader {
         Some(reading) => Some(
             reading
@@ -323,7 +349,6 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         None => None,
     };
     latencies.sort_unstable();
-    let acked = latencies.len() as u64;
     let rps = acked as f64 / secs;
     let mbps = rps * args.record_size as f64 / 1e6;
     let (p50, p99, p999, max) = (
@@ -334,6 +359,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
     );
     let e2e = read_back.map(|r| {
         (
+            r.read,
             r.latencies.len(),
             percentile(&r.latencies, 0.50),
             percentile(&r.latencies, 0.99),
@@ -341,16 +367,16 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             percentile(&r.latencies, 1.0),
         )
     });
-    if let Some((n, p50, p99, p999, max)) = e2e {
+    if let Some((read, n, p50, p99, p999, max)) = e2e {
         if global.output == Output::Table {
             println!(
-                "end to end ({n} records read back): p50 {p50:.2} ms, p99 {p99:.2} ms, \
+                "end to end ({read} records read back, {n} timed): p50 {p50:.2} ms, p99 {p99:.2} ms, \
                  p99.9 {p999:.2} ms, max {max:.2} ms"
             );
         }
     }
-    let e2e_json = e2e.map(|(n, p50, p99, p999, max)| {
-        json!({ "records": n, "p50": p50, "p99": p99, "p99_9": p999, "max": max })
+    let e2e_json = e2e.map(|(read, n, p50, p99, p999, max)| {
+        json!({ "read": read, "records": n, "p50": p50, "p99": p99, "p99_9": p999, "max": max })
     });
     match global.output {
         Output::Json => print_json(&json!({
@@ -363,12 +389,24 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             "record_size": args.record_size,
             "producers": args.producers,
             "acks": format!("{:?}", args.acks),
-            "latency_ms": { "p50": p50, "p99": p99, "p99_9": p999, "max": max },
+            "latency_ms": { "p50": p50, "p99": p99, "p99_9": p999, "max": max, "records": latencies.len() },
+            "warmup_secs": args.warmup_secs,
         })),
-        Output::Table => println!(
-            "{acked} records sent in {secs:.2} s: {rps:.0} records/s ({mbps:.1} MB/s), \
-             latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms"
-        ),
+        Output::Table => {
+            let timed = if args.warmup_secs > 0.0 {
+                format!(
+                    " ({} timed after {} s warm-up)",
+                    latencies.len(),
+                    args.warmup_secs
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{acked} records sent in {secs:.2} s: {rps:.0} records/s ({mbps:.1} MB/s), \
+                 latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms{timed}"
+            )
+        }
     }
     match first_error {
         Some(e) => Err(CliError::Usage(format!(
@@ -379,28 +417,27 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
 }
 
 /// A copy of `payload` whose first 8 bytes carry `since_epoch` in nanoseconds.
-fn stamp(payload: &Bytes, since_epoch: Duration) -> Bytes {
-    let mut v = payload.to_vec();
+/// `payload` with its first 8 bytes replaced by the send time. Values are cut from one
+/// shared buffer, `arena`: an allocation per record cost the tool more than its clock.
+fn stamp(arena: &mut BytesMut, payload: &[u8], since_epoch: Duration) -> Bytes {
+    if arena.capacity() < payload.len() {
+        arena.reserve(payload.len().max(1) * 256);
+    }
     let nanos = u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX);
-    v[..8].copy_from_slice(&nanos.to_le_bytes());
-    Bytes::from(v)
+    arena.put_u64_le(nanos);
+    arena.extend_from_slice(payload.get(8..).unwrap_or_default());
+    arena.split().freeze()
 }
 
-/// What the end-to-end reader saw: one latency (µs) per record read back, sorted.
+/// What the end-to-end reader saw: the records it read, and one latency (µs) per record
+/// past the warm-up, sorted.
 struct ReadBack {
+    read: u64,
     latencies: Vec<u32>,
 }
 
-/// Opens a consumer at the end of every partition of `topic`, then reads in the
-/// background, timing each record from the send time it carries to the poll that
-/// returned it, until it has read `expected` records (known once the producers are
-/// done) or nothing new has come for 10 s.
-async fn read_back(
-    global: &Global,
-    topic: &str,
-    epoch: Instant,
-    mut expected: tokio::sync::watch::Receiver<Option<u64>>,
-) -> Result<tokio::task::JoinHandle<Result<ReadBack, CliError>>, CliError> {
+/// A consumer at the end of every partition of `topic`.
+async fn open_reader(global: &Global, topic: &str) -> Result<Consumer, CliError> {
     let mut consumer = Consumer::connect(ConsumerConfig {
         brokers: global.brokers.clone(),
         auto_offset_reset: OffsetReset::Latest,
@@ -409,8 +446,22 @@ async fn read_back(
     .await?;
     consumer.assign_topic(topic).await?;
     consumer.seek_to_end().await?;
-    Ok(tokio::spawn(async move {
+    Ok(consumer)
+}
+
+/// Reads in the background, timing each record sent `measure_from` or later after
+/// `epoch` from the send time it carries to the poll that returned it, until it has
+/// read `expected` records (known once the producers are done) or nothing new has come
+/// for 10 s.
+fn read_back(
+    mut consumer: Consumer,
+    epoch: Instant,
+    measure_from: Duration,
+    mut expected: tokio::sync::watch::Receiver<Option<u64>>,
+) -> tokio::task::JoinHandle<Result<ReadBack, CliError>> {
+    tokio::spawn(async move {
         let mut latencies = Vec::new();
+        let mut read = 0u64;
         let mut last_new = Instant::now();
         loop {
             let records = consumer.poll(Duration::from_millis(100)).await?;
@@ -426,19 +477,24 @@ async fn read_back(
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                     .map(u64::from_le_bytes);
                 let Some(sent) = sent else { continue };
-                let micros = now.saturating_sub(Duration::from_nanos(sent)).as_micros();
+                read += 1;
+                let sent = Duration::from_nanos(sent);
+                if sent < measure_from {
+                    continue;
+                }
+                let micros = now.saturating_sub(sent).as_micros();
                 latencies.push(micros.min(u128::from(u32::MAX)) as u32);
             }
             let target = *expected.borrow_and_update();
             match target {
-                Some(n) if latencies.len() as u64 >= n => break,
+                Some(n) if read >= n => break,
                 Some(_) if last_new.elapsed() > Duration::from_secs(10) => break,
                 _ => {}
             }
         }
         latencies.sort_unstable();
-        Ok(ReadBack { latencies })
-    }))
+        Ok(ReadBack { read, latencies })
+    })
 }
 
 /// A paced run: its schedule, its records, and when to stop if they last longer.
@@ -456,7 +512,7 @@ fn send_paced(
     runtime: &tokio::runtime::Handle,
     producer: &Producer,
     pace: &Pace,
-    record: impl Fn(u64) -> ProducerRecord,
+    mut record: impl FnMut(u64) -> ProducerRecord,
     tx: &mpsc::Sender<Vec<(Instant, DeliveryFuture)>>,
 ) {
     let schedule = &pace.schedule;
@@ -466,7 +522,7 @@ fn send_paced(
             break;
         }
         let end = schedule.wait_due(j, pace.records);
-        let sent = runtime.block_on(producer.send_many((j..end).map(&record)));
+        let sent = runtime.block_on(producer.send_many((j..end).map(&mut record)));
         let chunk: Vec<_> = (j..end).map(|k| schedule.due(k)).zip(sent).collect();
         j = end;
         if tx.blocking_send(chunk).is_err() {
