@@ -75,7 +75,11 @@ struct TopicInfo {
 impl TopicInfo {
     fn new(name: &Arc<str>, partitions: u32) -> TopicInfo {
         TopicInfo {
-            name: Arc::clone(name),
+            // A name of its own, not the caller's `Arc`: every record's metadata clones
+            // this one on whichever thread awaits it, and sharing the caller's count
+            // made each clone there fight the caller's per-record clone and drop for
+            // one cache line.
+            name: Arc::from(&**name),
             partitions,
             sticky: None,
             open: Vec::new(),

@@ -20,7 +20,30 @@ pub fn varint_len(v: i64) -> usize {
 }
 
 /// Reads a zig-zag varint at `*pos`, advancing it.
+#[inline]
 pub fn get_varint(buf: &[u8], pos: &mut usize) -> Result<i64> {
+    // Most fields of a record (deltas, small lengths, counts) fit one or two bytes:
+    // decode those without the loop, which every record runs several times.
+    match buf.get(*pos..*pos + 2) {
+        Some(&[b0, _]) if b0 < 0x80 => {
+            *pos += 1;
+            return Ok(unzigzag(u64::from(b0)));
+        }
+        Some(&[b0, b1]) if b1 < 0x80 => {
+            *pos += 2;
+            return Ok(unzigzag(u64::from(b0 & 0x7f) | (u64::from(b1) << 7)));
+        }
+        _ => {}
+    }
+    get_varint_slow(buf, pos)
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
+}
+
+#[cold]
+fn get_varint_slow(buf: &[u8], pos: &mut usize) -> Result<i64> {
     let mut z: u64 = 0;
     let mut shift = 0u32;
     loop {
@@ -37,7 +60,7 @@ pub fn get_varint(buf: &[u8], pos: &mut usize) -> Result<i64> {
         }
         shift += 7;
     }
-    Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+    Ok(unzigzag(z))
 }
 
 #[cfg(test)]
@@ -65,6 +88,28 @@ mod tests {
             let mut pos = 0;
             assert_eq!(get_varint(&buf, &mut pos).ok(), Some(v));
             assert_eq!(pos, buf.len());
+        }
+    }
+
+    #[test]
+    fn short_forms_decode_alike_at_the_end_of_a_buffer_and_before_more_bytes() {
+        for v in (-20_000i64..20_000).chain([i64::MIN, i64::MAX, 1 << 40]) {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, v);
+            let len = buf.len();
+            // At the end the one- and two-byte forms take the general path; followed by
+            // another byte they take the short ones.
+            let mut pos = 0;
+            assert_eq!(get_varint(&buf, &mut pos).ok(), Some(v), "{v} at the end");
+            assert_eq!(pos, len);
+            buf.push(0x7f);
+            let mut pos = 0;
+            assert_eq!(
+                get_varint(&buf, &mut pos).ok(),
+                Some(v),
+                "{v} before a byte"
+            );
+            assert_eq!(pos, len);
         }
     }
 
