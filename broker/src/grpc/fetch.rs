@@ -95,7 +95,9 @@ impl FetchService for FetchSvc {
                 };
                 let result = async {
                     let p = lookup(&self.ctx, &fp.topic, fp.partition)?;
-                    watches.push(p.subscribe());
+                    let watch = p.subscribe();
+                    let now = *watch.borrow();
+                    watches.push(watch);
                     let offset = u64::try_from(fp.fetch_offset).map_err(|_| {
                         BrokerError::OffsetOutOfRange {
                             offset: 0,
@@ -108,11 +110,14 @@ impl FetchService for FetchSvc {
                         n => n as usize,
                     }
                     .min(max_bytes.saturating_sub(total));
-                    let data = if budget == 0 && total > 0 {
-                        bytes::Bytes::new()
-                    } else {
-                        p.read(offset, budget.max(1)).await?
-                    };
+                    let caught_up = (now.high_watermark..=now.log_end_offset).contains(&offset)
+                        && offset >= now.log_start_offset;
+                    if caught_up || (budget == 0 && total > 0) {
+                        // Nothing to read yet (the watch wakes us when there is): no
+                        // round trip to the partition task for an empty answer.
+                        return Ok((now, bytes::Bytes::new()));
+                    }
+                    let data = p.read(offset, budget.max(1)).await?;
                     Ok::<_, BrokerError>((p.state(), data))
                 }
                 .await;

@@ -196,9 +196,15 @@ impl PartitionHandle {
         *self.state.borrow()
     }
 
-    /// A receiver that wakes whenever the offsets change (for long-poll fetches).
+    /// A receiver that wakes when the offsets change after this call (for long-poll
+    /// fetches); what it holds now counts as seen.
     pub fn subscribe(&self) -> watch::Receiver<PartitionState> {
-        self.state.clone()
+        let mut rx = self.state.clone();
+        // A clone starts at the version this handle last saw, which may be long past:
+        // left so, `changed` returned at once and a waiting fetch spun, asking the
+        // partition task again and again for records that were not there.
+        rx.mark_unchanged();
+        rx
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
@@ -480,6 +486,23 @@ mod tests {
             Err(BrokerError::CorruptMessage(_))
         ));
         assert_eq!(p.state().log_end_offset, 0);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_wakes_for_changes_after_it_subscribed_not_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, _m) = start(dir.path(), TopicConfig::default());
+        p.append(batch("a", 3), Acks::All).await.expect("append");
+        // The offsets moved before this subscriber existed: it has nothing to wake for
+        // (a long-poll fetch waiting on it used to spin instead of sleeping).
+        let mut w = p.subscribe();
+        assert_eq!(w.borrow().high_watermark, 3);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), w.changed()).await;
+        assert!(early.is_err(), "woke with nothing new");
+        p.append(batch("b", 2), Acks::All).await.expect("append");
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), w.changed()).await;
+        assert!(matches!(woke, Ok(Ok(()))), "did not wake for the append");
+        assert_eq!(w.borrow_and_update().high_watermark, 5);
     }
 
     #[tokio::test]
