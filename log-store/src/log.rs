@@ -71,17 +71,16 @@ pub struct Log {
     /// A background flush is running: no other is started, and the interval policy does
     /// not flush in line meanwhile.
     flush_in_flight: bool,
-    /// `Interval` and `EveryBatch` flushes are left to `start_background_flush`.
+    /// Interval flushes are left to `start_background_flush`.
     background_flush: bool,
     /// Bumped by every truncation: a background flush begun before one does not move
     /// the recovery point, since the offsets it covered may since hold other batches.
     truncations: u64,
 }
 
-/// An fsync of the active segment taken off the append path: it runs on its own handle
-/// to the file while appends go on, so the producers behind it are not stalled by it (a
-/// second's worth of dirty pages under `flush.policy=interval`; under `every-batch`, the
-/// fsync of the last round's batches, which the next round's appends no longer wait for).
+/// An fsync of the active segment taken off the append path, for `flush.policy=interval`:
+/// it runs on its own handle to the file while appends go on, so a second's worth of
+/// dirty pages does not stall the producers behind it.
 #[derive(Debug)]
 pub struct BackgroundFlush {
     file: fs::File,
@@ -451,7 +450,7 @@ impl Log {
     /// those over with `flush_interval_in_background`), never under `Os`.
     pub fn apply_flush_policy(&mut self) -> Result<()> {
         let due = match self.config.flush {
-            FlushPolicy::EveryBatch => !self.background_flush,
+            FlushPolicy::EveryBatch => true,
             FlushPolicy::Interval(every) => {
                 !self.background_flush
                     && !self.flush_in_flight
@@ -469,32 +468,26 @@ impl Log {
         Ok(())
     }
 
-    /// From now on `apply_flush_policy` leaves the flushes of `FlushPolicy::Interval`
-    /// and `FlushPolicy::EveryBatch` to the owner, who starts them with
-    /// `start_background_flush`. Under `EveryBatch` the recovery point then trails the
-    /// appends by the flush in flight: the owner must treat only what is below it as
-    /// durable (the broker's high watermark does).
-    pub fn flush_in_background(&mut self) {
+    /// From now on `apply_flush_policy` leaves `FlushPolicy::Interval` flushes to the
+    /// owner, who starts them with `start_background_flush`.
+    pub fn flush_interval_in_background(&mut self) {
         self.background_flush = true;
     }
 
-    /// When a flush is due and none is running (under `Interval`, once the interval is
-    /// out; under `EveryBatch`, whenever something is not yet on disk): starts one to run
-    /// away from the appends (`BackgroundFlush::run`), whose result goes back through
-    /// `finish_background_flush`. Appends made while it runs wait for the next one, so
-    /// fsyncs group whatever came meanwhile.
+    /// Under `FlushPolicy::Interval`, when a flush is due and none is running: starts
+    /// one to run away from the appends (`BackgroundFlush::run`), whose result goes back
+    /// through `finish_background_flush`.
     pub fn start_background_flush(&mut self) -> Result<Option<BackgroundFlush>> {
-        let due = match self.config.flush {
-            FlushPolicy::EveryBatch => true,
-            FlushPolicy::Interval(every) => self.last_flush.elapsed() >= every,
-            FlushPolicy::Os => false,
+        let FlushPolicy::Interval(every) = self.config.flush else {
+            return Ok(None);
         };
-        if !due || self.poisoned {
-            // Poisoned: every append already reports it; a flush could vouch for nothing.
+        if self.poisoned {
+            // Every append already reports it; a flush has nothing it could vouch for.
             return Ok(None);
         }
         let upto = self.log_end_offset();
-        if self.flush_in_flight || self.recovery_point >= upto {
+        if self.flush_in_flight || self.last_flush.elapsed() < every || self.recovery_point >= upto
+        {
             return Ok(None);
         }
         let active = self.active();

@@ -406,7 +406,7 @@ fn interval_flushes_run_beside_appends_and_a_truncation_voids_one_in_flight() {
     let mut config = LogConfig::default();
     config.flush = FlushPolicy::Interval(Duration::from_millis(20));
     let mut log = Log::open(dir.path(), config).expect("open");
-    log.flush_in_background();
+    log.flush_interval_in_background();
     log.append_deferred(&batch("a", 2, 1), opts())
         .expect("append");
     std::thread::sleep(Duration::from_millis(30));
@@ -711,42 +711,4 @@ fn the_leader_epoch_history_follows_appends_truncation_and_reopen() {
     .expect("write");
     let log = Log::open(dir.path(), small_config()).expect("reopen");
     assert_eq!(log.epoch_history().latest_epoch(), Some(6));
-}
-
-#[test]
-fn every_batch_flushes_run_beside_appends_when_the_owner_runs_them() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
-    assert_eq!(log.config().flush, FlushPolicy::EveryBatch);
-    log.flush_in_background();
-    log.append_deferred(&batch("a", 2, 1), opts())
-        .expect("append");
-    // Left to the owner: nothing is flushed in line, and nothing counts as durable yet.
-    log.apply_flush_policy().expect("policy");
-    assert_eq!(log.recovery_point(), 0);
-    // Due at once, with no interval to wait out; one at a time.
-    let flush = log
-        .start_background_flush()
-        .expect("start")
-        .expect("a flush is due");
-    assert!(log.start_background_flush().expect("start").is_none());
-    // The next round's appends do not wait for it, and it vouches only for what it saw.
-    log.append_deferred(&batch("b", 3, 1), opts())
-        .expect("append");
-    let done = std::thread::spawn(move || flush.run())
-        .join()
-        .expect("flush thread");
-    log.finish_background_flush(done).expect("finish");
-    assert_eq!(log.recovery_point(), 2);
-    // The appends made meanwhile go in the next one.
-    let flush = log
-        .start_background_flush()
-        .expect("start")
-        .expect("the rest is due");
-    log.finish_background_flush(flush.run()).expect("finish");
-    assert_eq!(log.recovery_point(), 5);
-    assert!(
-        log.start_background_flush().expect("start").is_none(),
-        "nothing left to flush"
-    );
 }

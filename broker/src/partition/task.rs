@@ -65,11 +65,10 @@ pub(super) async fn run(mut task: Task) {
     let mut ticker = tokio::time::interval(tick_interval(&task.config));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_retention = Instant::now();
-    // Flushes (every batch's, or each interval's) run beside the rounds and report here
-    // when done; the high watermark moves with them.
+    // Interval flushes run beside the rounds and report here when done.
     let (flushed_tx, mut flushed_rx) = mpsc::unbounded_channel::<FlushDone>();
     if let Some((log, _)) = task.log.as_mut() {
-        log.flush_in_background();
+        log.flush_interval_in_background();
     }
     loop {
         let work = tokio::select! {
@@ -447,15 +446,7 @@ fn append_from_leader(log: &mut Log, records: bytes::Bytes, leader: PartitionSta
         }
         log.append_replicated_deferred(batch.bytes())?;
     }
-    if log.config().flush == FlushPolicy::EveryBatch {
-        // The follower's next fetch tells the leader what it holds, and under this policy
-        // that must be on disk: this fsync stays in line, unlike a leader's.
-        if log.recovery_point() < log.log_end_offset() {
-            log.flush()?;
-        }
-    } else {
-        log.apply_flush_policy()?;
-    }
+    log.apply_flush_policy()?;
     Ok(log.log_end_offset())
 }
 
