@@ -12,6 +12,7 @@ pub mod error;
 mod index;
 pub mod log;
 pub mod manager;
+pub mod memory;
 pub mod retention;
 mod segment;
 pub mod units;

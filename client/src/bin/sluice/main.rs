@@ -76,23 +76,11 @@ pub enum CliError {
     Io(#[from] std::io::Error),
 }
 
-/// Keeps freed memory for reuse rather than returning it to the kernel: a producer
-/// allocates each batch and its encoded request afresh, and glibc's default of mapping
-/// such buffers anew (or trimming them away when freed) made each fault its pages in
-/// and zero them again, a tenth of the load tool's time with 1 KiB records.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn keep_freed_memory() {
-    // SAFETY: mallopt sets two allocator parameters; no thread has started yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
 fn main() -> ExitCode {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    keep_freed_memory();
+    // Every batch and request buffer is fresh: reuse freed ones rather than fault new
+    // pages in (the load tool took 35,000 page faults for 1 GB of 1 KiB records instead
+    // of 49,000-87,000).
+    sluice_log_store::memory::keep_freed_memory();
     run()
 }
 
