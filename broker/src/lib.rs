@@ -60,8 +60,8 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Largest HTTP/2 frame this broker takes, as server and as a peer's client. With
 /// HTTP/2's default of 16 KiB a 256 KiB batch came in sixteen frames, each decoded,
-/// flow-controlled and handed on by itself; in one frame, 1 KiB records went about a
-/// third faster for about a third less broker CPU (docs/benchmarks.md).
+/// flow-controlled and handed on by itself; in one frame, 1 KiB records went about 1.5
+/// times as fast on a third to a half less broker CPU (docs/benchmarks.md).
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// The endpoint of another broker at `addr` (`host:port`): it connects within a second,
