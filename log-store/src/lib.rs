@@ -15,6 +15,7 @@ pub mod manager;
 pub mod memory;
 pub mod retention;
 mod segment;
+pub mod tail;
 pub mod units;
 
 pub use batch::{
@@ -25,3 +26,4 @@ pub use epochs::{EpochEntry, EpochHistory};
 pub use error::{Error, Result};
 pub use log::{AppendInfo, AppendOptions, BackgroundFlush, FlushDone, Log, OpenReport, Truncation};
 pub use manager::{LogManager, TopicPartition};
+pub use tail::TailView;

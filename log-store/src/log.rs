@@ -20,6 +20,7 @@ use crate::epochs::EpochHistory;
 use crate::error::{Error, Result};
 use crate::retention::{segments_to_delete, SegmentStats};
 use crate::segment::{now_ms, sync_dir, AppendFailure, OpenMode, Segment};
+use crate::tail::{TailAnchors, TailView};
 
 pub use crate::segment::Truncation;
 
@@ -76,6 +77,8 @@ pub struct Log {
     /// Bumped by every truncation: a background flush begun before one does not move
     /// the recovery point, since the offsets it covered may since hold other batches.
     truncations: u64,
+    /// Batch boundaries near the end of the active segment, for [`Log::tail_view`].
+    tail: TailAnchors,
 }
 
 /// An fsync of the active segment taken off the append path, for `flush.policy=interval`:
@@ -219,6 +222,7 @@ impl Log {
             flush_in_flight: false,
             background_flush: false,
             truncations: 0,
+            tail: TailAnchors::default(),
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
         log.active().flush()?;
@@ -435,8 +439,12 @@ impl Log {
         if age_roll || active.must_roll_for(len, header.last_offset()) {
             self.roll()?;
         }
+        let position = self.active().size();
         match self.active_mut().append(stamped, body, header) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.tail.appended(header.base_offset, position, len);
+                Ok(())
+            }
             Err(AppendFailure::Recoverable(e)) => Err(e),
             Err(AppendFailure::Poisoned(e)) => {
                 self.poisoned = true;
@@ -540,6 +548,7 @@ impl Log {
             return Ok(());
         }
         let next = self.log_end_offset();
+        self.tail.clear();
         // Seal first, so a crash never leaves an unsealed segment before the tail.
         self.active_mut().seal()?;
         self.recovery_point = self.recovery_point.max(next);
@@ -554,6 +563,13 @@ impl Log {
         sync_dir(&self.dir)?;
         self.segments.insert(next, seg);
         Ok(())
+    }
+
+    /// The newest batches as a snapshot others can read from while this log goes on
+    /// appending: what [`Log::read_bounded`] would give for offsets near the end.
+    pub fn tail_view(&self) -> TailView {
+        self.tail
+            .view(self.active().written(), self.log_end_offset())
     }
 
     /// Whole batches starting with the one holding `offset`, up to `max_bytes` (at least
@@ -682,6 +698,7 @@ impl Log {
             }
         }
         self.truncations += 1;
+        self.tail.clear();
         let new_end = self.active_mut().truncate_to(offset)?;
         sync_dir(&self.dir)?;
         self.recovery_point = self.recovery_point.min(new_end);
@@ -693,6 +710,7 @@ impl Log {
     pub fn truncate_fully(&mut self, start_offset: u64) -> Result<()> {
         self.check_writable()?;
         self.truncations += 1;
+        self.tail.clear();
         while let Some((_, seg)) = self.segments.pop_first() {
             seg.delete()?;
         }

@@ -466,6 +466,13 @@ impl Segment {
         Ok(())
     }
 
+    /// Every byte written so far, as a slice of the mapping.
+    pub(crate) fn written(&self) -> Bytes {
+        self.map
+            .as_ref()
+            .map_or_else(Bytes::new, |m| m.slice(..self.size as usize))
+    }
+
     pub(crate) fn next_offset(&self) -> u64 {
         self.next_offset
     }

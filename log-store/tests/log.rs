@@ -143,6 +143,51 @@ fn read_bounded_never_passes_the_upper_offset() {
 }
 
 #[test]
+fn the_tail_view_reads_what_the_log_reads_until_the_segment_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
+    assert_eq!(log.tail_view().read(0, 1 << 20, 0), None, "empty log");
+    // Batches of ~17 KiB: several anchors, and offsets far enough back that they leave
+    // the view.
+    for i in 0..400 {
+        log.append(&sized_batch(8, 2048, i), opts())
+            .expect("append");
+    }
+    let end = log.log_end_offset();
+    let view = log.tail_view();
+    assert_eq!(view.end_offset(), end);
+    let mut served = 0;
+    for offset in (0..end).step_by(3) {
+        for (max, upper) in [(1 << 20, end), (1, end), (40_000, end - 20)] {
+            if let Some(got) = view.read(offset, max, upper) {
+                let want = log.read_bounded(offset, max, upper).expect("read");
+                assert_eq!(got, want, "offset {offset} max {max} upper {upper}");
+                served += 1;
+            }
+        }
+    }
+    // The newest few MiB are served from the view, the oldest are not.
+    assert!(view.read(0, 1 << 20, end).is_none());
+    assert!(served > 300, "served {served}");
+    // A roll or truncation empties the view: the segment it described changed.
+    log.roll().expect("roll");
+    assert_eq!(log.tail_view().read(end - 1, 1 << 20, end), None);
+    log.append(&batch("after", 2, 1), opts()).expect("append");
+    let after = log
+        .tail_view()
+        .read(end, 1 << 20, end + 2)
+        .expect("new batch");
+    assert_eq!(values(&after)[0], (end, "after-0".to_string()));
+    log.truncate_to(end).expect("truncate");
+    assert_eq!(log.tail_view().read(end, 1 << 20, end + 2), None);
+    // A view taken before still reads what it saw.
+    assert_eq!(
+        values(&view.read(end - 8, 1 << 20, end).expect("old view")).len(),
+        8
+    );
+}
+
+#[test]
 fn offset_for_timestamp_finds_the_first_record_at_or_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log = Log::open(dir.path(), small_config()).expect("open");

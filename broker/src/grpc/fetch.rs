@@ -117,6 +117,14 @@ impl FetchService for FetchSvc {
                         // round trip to the partition task for an empty answer.
                         return Ok((now, bytes::Bytes::new()));
                     }
+                    if offset >= now.log_start_offset {
+                        // A reader near the end is served from what the partition last
+                        // published, without waiting for a round of its task.
+                        let recent = p.read_recent(offset, budget.max(1), now.high_watermark);
+                        if let Some(data) = recent {
+                            return Ok((now, data));
+                        }
+                    }
                     let data = p.read(offset, budget.max(1)).await?;
                     Ok::<_, BrokerError>((p.state(), data))
                 }

@@ -7,7 +7,7 @@ mod task;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sluice_log_store::{Log, LogManager, TopicPartition};
+use sluice_log_store::{Log, LogManager, TailView, TopicPartition};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{BrokerError, Result};
@@ -36,6 +36,13 @@ pub struct PartitionState {
     pub high_watermark: u64,
     /// Offset the next record will get.
     pub log_end_offset: u64,
+}
+
+/// What the partition task publishes for readers that do not wait for it.
+struct Published {
+    state: watch::Sender<PartitionState>,
+    /// The newest batches, while this replica leads.
+    tail: watch::Sender<TailView>,
 }
 
 /// The outcome of an append.
@@ -144,6 +151,7 @@ pub struct PartitionHandle {
     tp: Arc<TopicPartition>,
     tx: mpsc::Sender<Command>,
     state: watch::Receiver<PartitionState>,
+    tail: watch::Receiver<TailView>,
 }
 
 impl PartitionHandle {
@@ -164,6 +172,7 @@ impl PartitionHandle {
         };
         let state = task::state_of(&log, &replica);
         let (state_tx, state_rx) = watch::channel(state);
+        let (tail_tx, tail_rx) = watch::channel(TailView::default());
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(task::run(task::Task {
             tp: Arc::clone(&tp),
@@ -171,12 +180,16 @@ impl PartitionHandle {
             config,
             manager,
             rx,
-            state: Arc::new(state_tx),
+            out: Arc::new(Published {
+                state: state_tx,
+                tail: tail_tx,
+            }),
         }));
         PartitionHandle {
             tp,
             tx,
             state: state_rx,
+            tail: tail_rx,
         }
     }
 
@@ -205,6 +218,15 @@ impl PartitionHandle {
         // partition task again and again for records that were not there.
         rx.mark_unchanged();
         rx
+    }
+
+    /// What [`PartitionHandle::read`] would return below `upper`, from the batches the
+    /// partition last published, without a round on its task; `None` when `offset` is
+    /// not among them.
+    pub fn read_recent(&self, offset: u64, max_bytes: usize, upper: u64) -> Option<Bytes> {
+        // The borrow is a read lock: cloned out at once, never held across anything.
+        let view = self.tail.borrow().clone();
+        view.read(offset, max_bytes, upper)
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
@@ -503,6 +525,54 @@ mod tests {
         let woke = tokio::time::timeout(std::time::Duration::from_secs(5), w.changed()).await;
         assert!(matches!(woke, Ok(Ok(()))), "did not wake for the append");
         assert_eq!(w.borrow_and_update().high_watermark, 5);
+    }
+
+    #[tokio::test]
+    async fn recent_batches_read_as_the_task_reads_them_and_only_while_leading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, _m) = start(dir.path(), TopicConfig::default());
+        assert_eq!(p.read_recent(0, 1 << 20, 0), None, "nothing appended yet");
+        for i in 0..20 {
+            p.append(batch(&format!("b{i}"), 3), Acks::All)
+                .await
+                .expect("append");
+        }
+        let hw = p.state().high_watermark;
+        assert_eq!(hw, 60);
+        for offset in 0..hw {
+            for max in [1, 300, 1 << 20] {
+                let recent = p.read_recent(offset, max, hw).expect("in the view");
+                assert_eq!(
+                    recent,
+                    p.read(offset, max).await.expect("read"),
+                    "at {offset}"
+                );
+            }
+        }
+        assert!(p.read_recent(10, 1 << 20, 9).expect("in view").is_empty());
+        assert_eq!(p.read_recent(hw, 1 << 20, hw), None, "past the end");
+        let copied = p.read(0, 1 << 20).await.expect("read");
+        let leader = p.state();
+
+        // A follower publishes nothing, though it appends batches as a leader does.
+        let other = tempfile::tempdir().expect("tempdir");
+        let manager = Arc::new(LogManager::open(other.path()).expect("manager"));
+        let tp = TopicPartition::new("t", 0);
+        let log = manager
+            .create(&tp, TopicConfig::default().log)
+            .expect("create");
+        let follower = PartitionHandle::spawn(tp, log, TopicConfig::default(), manager, true);
+        let leo = follower
+            .append_from_leader(-1, copied, leader)
+            .await
+            .expect("append from leader");
+        assert_eq!(leo, hw);
+        assert!(!follower
+            .read_local(0, 1 << 20)
+            .await
+            .expect("read")
+            .is_empty());
+        assert_eq!(follower.read_recent(0, 1 << 20, hw), None);
     }
 
     #[tokio::test]

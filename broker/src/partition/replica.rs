@@ -147,6 +147,11 @@ impl Replica {
         self.hw
     }
 
+    /// Whether this replica takes producers' writes (the only replica, or the leader).
+    pub fn leads(&self) -> bool {
+        matches!(self.mode, Mode::Standalone | Mode::Leader(_))
+    }
+
     /// The epoch a leader stamps on the batches it appends.
     pub fn leader_epoch(&self) -> i32 {
         match &self.mode {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_log_store::{
-    AppendOptions, BatchIter, FlushDone, FlushPolicy, Log, LogManager, TopicPartition,
+    AppendOptions, BatchIter, FlushDone, FlushPolicy, Log, LogManager, TailView, TopicPartition,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::replica::Replica;
-use super::{Acks, AppendResult, Command, OffsetSpec, PartitionState, ReplicaData};
+use super::{Acks, AppendResult, Command, OffsetSpec, PartitionState, Published, ReplicaData};
 use crate::error::{BrokerError, Result};
 use crate::topic::config::{TimestampType, TopicConfig};
 
@@ -31,7 +31,7 @@ pub(super) struct Task {
     pub config: TopicConfig,
     pub manager: Arc<LogManager>,
     pub rx: mpsc::Receiver<Command>,
-    pub state: Arc<watch::Sender<PartitionState>>,
+    pub out: Arc<Published>,
 }
 
 /// The offsets of `log` with the high watermark its replica computed.
@@ -100,7 +100,7 @@ pub(super) async fn run(mut task: Task) {
             last_retention = Instant::now();
         }
         let tp = Arc::clone(&task.tp);
-        let state = Arc::clone(&task.state);
+        let out = Arc::clone(&task.out);
         let round = tokio::task::spawn_blocking(move || {
             let mut owned = Some(owned);
             let (after, changed) = match work {
@@ -108,7 +108,7 @@ pub(super) async fn run(mut task: Task) {
                     if let Some((log, replica)) = owned.as_mut() {
                         tick(&tp, log, retention_due);
                         replica.check_lag(&config);
-                        settle(&state, log, replica, &config);
+                        settle(&out, log, replica, &config);
                     }
                     (After::Continue, None)
                 }
@@ -121,7 +121,7 @@ pub(super) async fn run(mut task: Task) {
                     }
                     (After::Stop, None)
                 }
-                Work::Commands(cmds) => run_round(&mut owned, cmds, &config, &manager, &state),
+                Work::Commands(cmds) => run_round(&mut owned, cmds, &config, &manager, &out),
                 Work::Flushed(done) => {
                     if let Some((log, replica)) = owned.as_mut() {
                         if let Err(e) = log.finish_background_flush(done) {
@@ -129,7 +129,7 @@ pub(super) async fn run(mut task: Task) {
                             tracing::error!(partition = %tp, error = %e, "flush failed");
                             replica.fail_pending(&e);
                         }
-                        settle(&state, log, replica, &config);
+                        settle(&out, log, replica, &config);
                     }
                     (After::Continue, None)
                 }
@@ -195,15 +195,18 @@ fn tick(tp: &TopicPartition, log: &mut Log, retention_due: bool) {
 
 /// Moves the high watermark, publishes the offsets, then answers the `acks=all`
 /// producers it covers: whoever hears "appended" also sees the high watermark move.
-fn settle(
-    state: &watch::Sender<PartitionState>,
-    log: &Log,
-    replica: &mut Replica,
-    config: &TopicConfig,
-) {
+fn settle(out: &Published, log: &Log, replica: &mut Replica, config: &TopicConfig) {
     replica.settle_hw(log, config);
+    // Before the offsets, so a fetch that sees them finds the batches in the view.
+    // Only a leader's: nothing else serves consumers, and a follower's log may be cut.
+    let tail = if replica.leads() {
+        log.tail_view()
+    } else {
+        TailView::default()
+    };
+    out.tail.send_replace(tail);
     let now = state_of(log, replica);
-    state.send_if_modified(|s| {
+    out.state.send_if_modified(|s| {
         let changed = *s != now;
         *s = now;
         changed
@@ -221,7 +224,7 @@ fn run_round(
     cmds: Vec<Command>,
     config: &TopicConfig,
     manager: &LogManager,
-    state: &watch::Sender<PartitionState>,
+    out: &Published,
 ) -> (After, Option<TopicConfig>) {
     let mut written: Waiting = Vec::new();
     let mut after = After::Continue;
@@ -339,7 +342,7 @@ fn run_round(
                         })
                     });
                 // The follower's position may have moved the high watermark.
-                settle(state, log, replica, config);
+                settle(out, log, replica, config);
                 let _ = reply.send(result);
             }
             Command::EpochEnd {
@@ -369,7 +372,7 @@ fn run_round(
                     });
                     Ok(log.truncate_to(cut)?)
                 });
-                settle(state, log, replica, config);
+                settle(out, log, replica, config);
                 let _ = reply.send(result);
             }
             Command::AppendFromLeader {
@@ -384,7 +387,7 @@ fn run_round(
                 if let Ok(leo) = result {
                     replica.follow_hw(leader.high_watermark.min(leo), log);
                 }
-                settle(state, log, replica, config);
+                settle(out, log, replica, config);
                 let _ = reply.send(result);
             }
             Command::Roll { reply } => {
@@ -402,7 +405,7 @@ fn run_round(
                 let _ = reply.send(result);
             }
             Command::Close { reply } => {
-                answer(log, replica, config, state, &mut written);
+                answer(log, replica, config, out, &mut written);
                 let result = slot.take().map_or(Ok(()), |(l, mut r)| {
                     r.fail_pending(&BrokerError::ShuttingDown);
                     l.close().map_err(BrokerError::from)
@@ -411,7 +414,7 @@ fn run_round(
                 after = After::Stop;
             }
             Command::Delete { reply } => {
-                answer(log, replica, config, state, &mut written);
+                answer(log, replica, config, out, &mut written);
                 let result = slot.take().map_or(Ok(()), |(l, mut r)| {
                     r.fail_pending(&BrokerError::ShuttingDown);
                     manager.delete(l).map_err(BrokerError::from)
@@ -423,7 +426,7 @@ fn run_round(
     }
     if let Some((log, replica)) = slot.as_mut() {
         let config = new_config.as_ref().unwrap_or(config);
-        answer(log, replica, config, state, &mut written);
+        answer(log, replica, config, out, &mut written);
     }
     (after, new_config)
 }
@@ -456,11 +459,11 @@ fn answer(
     log: &mut Log,
     replica: &mut Replica,
     config: &TopicConfig,
-    state: &watch::Sender<PartitionState>,
+    out: &Published,
     written: &mut Waiting,
 ) {
     if !written.is_empty() {
-        settle(state, log, replica, config);
+        settle(out, log, replica, config);
         for (reply, result) in written.drain(..) {
             let _ = reply.send(Ok(result));
         }
@@ -470,7 +473,7 @@ fn answer(
         tracing::error!(error = %e, "flush failed");
         replica.fail_pending(&e);
     }
-    settle(state, log, replica, config);
+    settle(out, log, replica, config);
 }
 
 fn refuse(cmd: Command) {
