@@ -110,14 +110,13 @@ impl FetchService for FetchSvc {
                         n => n as usize,
                     }
                     .min(max_bytes.saturating_sub(total));
-                    let caught_up = (now.high_watermark..=now.log_end_offset).contains(&offset)
-                        && offset >= now.log_start_offset;
+                    let caught_up = now.holds(offset) && offset >= now.high_watermark;
                     if caught_up || (budget == 0 && total > 0) {
                         // Nothing to read yet (the watch wakes us when there is): no
                         // round trip to the partition task for an empty answer.
                         return Ok((now, bytes::Bytes::new()));
                     }
-                    if offset >= now.log_start_offset {
+                    if now.holds(offset) {
                         // A reader near the end is served from what the partition last
                         // published, without waiting for a round of its task.
                         let recent = p.read_recent(offset, budget.max(1), now.high_watermark);

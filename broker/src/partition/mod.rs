@@ -38,6 +38,13 @@ pub struct PartitionState {
     pub log_end_offset: u64,
 }
 
+impl PartitionState {
+    /// Whether a reader may ask for `offset`: one still kept, or the log end.
+    pub fn holds(&self, offset: u64) -> bool {
+        (self.log_start_offset..=self.log_end_offset).contains(&offset)
+    }
+}
+
 /// What the partition task publishes for readers that do not wait for it.
 struct Published {
     state: watch::Sender<PartitionState>,

@@ -275,7 +275,7 @@ fn run_round(
                 let now = state_of(log, replica);
                 // Between the high watermark and the log end there is nothing to see yet,
                 // but the offset is valid (acks=1 answers before the flush moves it).
-                let result = if offset < now.log_start_offset || offset > now.log_end_offset {
+                let result = if !now.holds(offset) {
                     Err(BrokerError::OffsetOutOfRange {
                         offset,
                         log_start_offset: now.log_start_offset,
