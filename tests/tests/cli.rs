@@ -236,12 +236,30 @@ fn bench_produce_paces_groups_and_reads_every_record_back() {
     };
     // Paced at 20,000 a second: 3,000 records take about 150 ms, all acked, and the
     // reader sees every one of them.
-    let paced = run(&["--throughput", "20000", "--end-to-end"]);
+    let paced = run(&[
+        "--throughput",
+        "20000",
+        "--end-to-end",
+        "--timeline-ms",
+        "50",
+    ]);
     assert_eq!(paced["records"], 3000, "{paced}");
     assert_eq!(paced["failed"], 0, "{paced}");
     assert_eq!(paced["end_to_end_ms"]["records"], 3000, "{paced}");
     let seconds = paced["seconds"].as_f64().expect("seconds");
     assert!(seconds >= 0.14, "paced to the rate: {paced}");
+    // The timeline puts each record in the 50 ms window it was due in: 1,000 a window.
+    let timeline = paced["timeline"].as_array().expect("timeline");
+    let starts: Vec<f64> = timeline
+        .iter()
+        .map(|w| w["from_secs"].as_f64().expect("from"))
+        .collect();
+    assert_eq!(starts, vec![0.0, 0.05, 0.1], "{paced}");
+    for w in timeline {
+        assert_eq!(w["records"], 1000, "{paced}");
+        assert_eq!(w["end_to_end"]["records"], 1000, "{paced}");
+        assert!(w["p99"].as_f64() <= w["max"].as_f64(), "{paced}");
+    }
     // With a warm-up of 50 ms at 20,000 a second the first 1,000 records go untimed,
     // by the producer and by the reader alike; all are still sent and read.
     let warmed = run(&[

@@ -80,6 +80,11 @@ pub struct ProduceBench {
     /// settle meanwhile. Those records are still sent, read back and counted.
     #[arg(long, default_value_t = 0.0)]
     warmup_secs: f64,
+    /// Also print latency over time: p50, p99 and max of the records sent in each
+    /// window of this many ms (0: not printed). Shows whether a tail is spread over
+    /// the run or comes from a few bad moments.
+    #[arg(long, default_value_t = 0)]
+    timeline_ms: u64,
     /// Partitions when the topic has to be created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
@@ -205,7 +210,16 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
     // Records due (or sent) before this are the warm-up: sent, not timed.
     let measure_from = started + warmup;
     let (expected_tx, expected_rx) = tokio::sync::watch::channel(None);
-    let reader = reader.map(|consumer| read_back(consumer, started, warmup, expected_rx));
+    let window = (args.timeline_ms > 0).then(|| Duration::from_millis(args.timeline_ms));
+    let reader = reader.map(|consumer| {
+        read_back(
+            consumer,
+            started,
+            warmup,
+            Timeline::new(window),
+            expected_rx,
+        )
+    });
     let end_to_end = args.end_to_end;
     let per_producer = args.records / u64::from(args.producers);
     let extra = args.records % u64::from(args.producers);
@@ -230,6 +244,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                 let mut acked = 0u64;
                 let mut failed = 0u64;
                 let mut first_error = None;
+                let mut timeline = Timeline::new(window);
                 while let Some(chunk) = rx.recv().await {
                     for (sent, d) in chunk {
                         match d.await {
@@ -237,7 +252,9 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                                 acked += 1;
                                 if sent >= measure_from {
                                     let micros = sent.elapsed().as_micros();
-                                    lat.push(micros.min(u128::from(u32::MAX)) as u32);
+                                    let micros = micros.min(u128::from(u32::MAX)) as u32;
+                                    lat.push(micros);
+                                    timeline.add(sent.duration_since(started), micros);
                                 }
                             }
                             Err(e) => {
@@ -247,7 +264,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                         }
                     }
                 }
-                (lat, acked, failed, first_error)
+                (lat, acked, failed, first_error, timeline)
             });
             let begin = started;
             let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
@@ -327,11 +344,13 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
     let mut acked = 0;
     let mut failed = 0;
     let mut first_error = None;
+    let mut ack_timeline = Timeline::new(window);
     for t in tasks {
-        let (lat, a, f, e) = t
+        let (lat, a, f, e, timeline) = t
             .await
             .map_err(|e| CliError::Usage(format!("producer task failed: {e}")))??;
         latencies.extend(lat);
+        ack_timeline.merge(timeline);
         acked += a;
         failed += f;
         if first_error.is_none() {
@@ -357,6 +376,9 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         percentile(&latencies, 0.999),
         percentile(&latencies, 1.0),
     );
+    let mut read_back = read_back;
+    let e2e_timeline = read_back.as_mut().map(|r| std::mem::take(&mut r.timeline));
+    let timeline = timeline_rows(ack_timeline, e2e_timeline);
     let e2e = read_back.map(|r| {
         (
             r.read,
@@ -391,6 +413,14 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             "acks": format!("{:?}", args.acks),
             "latency_ms": { "p50": p50, "p99": p99, "p99_9": p999, "max": max, "records": latencies.len() },
             "warmup_secs": args.warmup_secs,
+            "timeline": timeline.iter().map(|row| json!({
+                "from_secs": row.from.as_secs_f64(),
+                "records": row.ack.records,
+                "p50": row.ack.p50, "p99": row.ack.p99, "max": row.ack.max,
+                "end_to_end": row.e2e.as_ref().map(|e| json!({
+                    "records": e.records, "p50": e.p50, "p99": e.p99, "max": e.max,
+                })),
+            })).collect::<Vec<_>>(),
         })),
         Output::Table => {
             let timed = if args.warmup_secs > 0.0 {
@@ -405,7 +435,8 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             println!(
                 "{acked} records sent in {secs:.2} s: {rps:.0} records/s ({mbps:.1} MB/s), \
                  latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms{timed}"
-            )
+            );
+            print_timeline(&timeline);
         }
     }
     match first_error {
@@ -434,6 +465,120 @@ fn stamp(arena: &mut BytesMut, payload: &[u8], since_epoch: Duration) -> Bytes {
 struct ReadBack {
     read: u64,
     latencies: Vec<u32>,
+    timeline: Timeline,
+}
+
+/// Latencies (µs) grouped by the window their record was sent in, for `--timeline-ms`;
+/// collects nothing without a window.
+#[derive(Default)]
+struct Timeline {
+    window: Option<Duration>,
+    windows: Vec<Vec<u32>>,
+}
+
+/// Windows past this are not kept: a send time read from a record that is not the
+/// tool's own could otherwise ask for any amount of memory.
+const MAX_WINDOWS: usize = 1 << 20;
+
+impl Timeline {
+    fn new(window: Option<Duration>) -> Timeline {
+        Timeline {
+            window,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Adds a record sent `sent` after the run began.
+    fn add(&mut self, sent: Duration, micros: u32) {
+        let Some(window) = self.window else { return };
+        let i = (sent.as_nanos() / window.as_nanos().max(1)) as usize;
+        if i >= MAX_WINDOWS {
+            return;
+        }
+        if self.windows.len() <= i {
+            self.windows.resize_with(i + 1, Vec::new);
+        }
+        self.windows[i].push(micros);
+    }
+
+    fn merge(&mut self, other: Timeline) {
+        if self.windows.len() < other.windows.len() {
+            self.windows.resize_with(other.windows.len(), Vec::new);
+        }
+        for (mine, theirs) in self.windows.iter_mut().zip(other.windows) {
+            mine.extend(theirs);
+        }
+    }
+
+    /// Each window's summary, `None` where it timed nothing.
+    fn summaries(self) -> Vec<Option<WindowSummary>> {
+        self.windows
+            .into_iter()
+            .map(|mut v| {
+                v.sort_unstable();
+                (!v.is_empty()).then(|| WindowSummary {
+                    records: v.len(),
+                    p50: percentile(&v, 0.50),
+                    p99: percentile(&v, 0.99),
+                    max: percentile(&v, 1.0),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One window's latencies, in ms.
+struct WindowSummary {
+    records: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// A line of the timeline: send to acknowledgement, and end to end where measured.
+struct TimelineRow {
+    from: Duration,
+    ack: WindowSummary,
+    e2e: Option<WindowSummary>,
+}
+
+fn timeline_rows(acks: Timeline, e2e: Option<Timeline>) -> Vec<TimelineRow> {
+    let Some(window) = acks.window else {
+        return Vec::new();
+    };
+    let mut e2e = e2e.map(Timeline::summaries).unwrap_or_default().into_iter();
+    acks.summaries()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, ack)| {
+            let e2e = e2e.next().flatten();
+            Some(TimelineRow {
+                from: window * u32::try_from(i).ok()?,
+                ack: ack?,
+                e2e,
+            })
+        })
+        .collect()
+}
+
+fn print_timeline(rows: &[TimelineRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!("sent at (s)  records  ack p50 / p99 / max (ms)     end to end p50 / p99 / max (ms)");
+    for r in rows {
+        let e2e = r.e2e.as_ref().map_or(String::new(), |e| {
+            format!("{:8.2} {:8.2} {:8.2}", e.p50, e.p99, e.max)
+        });
+        println!(
+            "{:11.2} {:8} {:8.2} {:8.2} {:8.2}    {e2e}",
+            r.from.as_secs_f64(),
+            r.ack.records,
+            r.ack.p50,
+            r.ack.p99,
+            r.ack.max,
+        );
+    }
 }
 
 /// A consumer at the end of every partition of `topic`.
@@ -450,13 +595,15 @@ async fn open_reader(global: &Global, topic: &str) -> Result<Consumer, CliError>
 }
 
 /// Reads in the background, timing each record sent `measure_from` or later after
-/// `epoch` from the send time it carries to the poll that returned it, until it has
+/// `epoch` from the send time it carries to the poll that returned it (and adding it to
+/// `timeline`), until it has
 /// read `expected` records (known once the producers are done) or nothing new has come
 /// for 10 s.
 fn read_back(
     mut consumer: Consumer,
     epoch: Instant,
     measure_from: Duration,
+    mut timeline: Timeline,
     mut expected: tokio::sync::watch::Receiver<Option<u64>>,
 ) -> tokio::task::JoinHandle<Result<ReadBack, CliError>> {
     tokio::spawn(async move {
@@ -483,7 +630,9 @@ fn read_back(
                     continue;
                 }
                 let micros = now.saturating_sub(sent).as_micros();
-                latencies.push(micros.min(u128::from(u32::MAX)) as u32);
+                let micros = micros.min(u128::from(u32::MAX)) as u32;
+                latencies.push(micros);
+                timeline.add(sent, micros);
             }
             let target = *expected.borrow_and_update();
             match target {
@@ -493,7 +642,11 @@ fn read_back(
             }
         }
         latencies.sort_unstable();
-        Ok(ReadBack { read, latencies })
+        Ok(ReadBack {
+            read,
+            latencies,
+            timeline,
+        })
     })
 }
 
