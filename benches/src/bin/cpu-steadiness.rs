@@ -1,48 +1,19 @@
-//! What this machine allows, apart from any program on it: two probes run beside the
-//! benchmarks, so a figure can be told apart from the machine under it.
+//! How steadily this machine's CPUs run: a fixed piece of work is timed over and over,
+//! and every 20 ms window whose typical piece took at least twice the run's median
+//! counts as slow. On a shared virtual machine the host can slow every vCPU at once
+//! for tens of milliseconds; a latency percentile that such windows cover says more
+//! about the machine than about the program measured, so this is run beside latency
+//! benchmarks to tell the two apart.
 //!
-//! `cpu`: how steadily the CPUs run. A fixed piece of work is timed over and over, and
-//! every 20 ms window whose typical piece took at least twice the run's median counts
-//! as slow. On a shared virtual machine the host can slow every vCPU at once for tens
-//! of milliseconds; a latency percentile that such windows cover says more about the
-//! machine than about the program measured.
-//!
-//! `memory`: how fast memory the program has not used before can be written, against
-//! memory it already holds. A log writes into page-cache pages it has never touched; on
-//! a virtual machine whose host takes back the guest's free pages, each such page costs
-//! a fault on the host as well, and that, not the copy, can bound a write-heavy burst.
-//!
-//!   machine-probe cpu --secs 20                  # every CPU busy, nothing else running
-//!   machine-probe cpu --secs 8 --duty-percent 5  # alongside a benchmark, a light load
-//!   machine-probe memory --gib 4
+//!   cpu-steadiness --secs 20                 # every CPU busy, nothing else running
+//!   cpu-steadiness --secs 8 --duty-percent 5 # alongside a benchmark, a light load
 
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 #[derive(Debug, Parser)]
-struct Cli {
-    #[command(subcommand)]
-    probe: Probe,
-}
-
-#[derive(Debug, Subcommand)]
-enum Probe {
-    /// How steadily the CPUs run.
-    Cpu(CpuArgs),
-    /// Writing fresh memory against memory already held.
-    Memory(MemoryArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct MemoryArgs {
-    /// GiB to allocate and write, in pieces of 256 MiB.
-    #[arg(long, default_value_t = 2)]
-    gib: usize,
-}
-
-#[derive(Debug, clap::Args)]
-struct CpuArgs {
+struct Args {
     /// How long to measure.
     #[arg(long, default_value_t = 20.0)]
     secs: f64,
@@ -97,51 +68,7 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 fn main() {
-    match Cli::parse().probe {
-        Probe::Cpu(args) => cpu(&args),
-        Probe::Memory(args) => memory(&args),
-    }
-}
-
-/// Bytes of one allocation of the memory probe.
-const PIECE_BYTES: usize = 256 << 20;
-
-/// GiB/s at which `pieces` were each written once (first touch if they are new).
-fn write_rate(pieces: &mut [Vec<u8>], fill: u8) -> f64 {
-    let started = Instant::now();
-    for p in pieces.iter_mut() {
-        p.fill(fill);
-    }
-    std::hint::black_box(&pieces);
-    let bytes = (pieces.len() * PIECE_BYTES) as f64;
-    bytes / f64::from(1u32 << 30) / started.elapsed().as_secs_f64()
-}
-
-/// Allocates zeroed pieces without touching them: `vec![0; n]` takes pages straight
-/// from the kernel, which maps them only when written.
-fn fresh_pieces(n: usize) -> Vec<Vec<u8>> {
-    (0..n).map(|_| vec![0u8; PIECE_BYTES]).collect()
-}
-
-fn memory(args: &MemoryArgs) {
-    let n = (args.gib.max(1) << 30) / PIECE_BYTES;
-    let mut pieces = fresh_pieces(n);
-    let first = write_rate(&mut pieces, 1);
-    let resident = write_rate(&mut pieces, 2);
-    // Freed and taken again: the kernel hands back pages it may have given to the
-    // host meanwhile, as a log's page cache does after old files are deleted.
-    drop(pieces);
-    std::thread::sleep(Duration::from_secs(2));
-    let mut again = fresh_pieces(n);
-    let reused = write_rate(&mut again, 3);
-    println!(
-        "{} GiB: first write {first:.2} GiB/s; freed, taken again after 2 s and written \
-         {reused:.2} GiB/s; written again while held {resident:.2} GiB/s",
-        args.gib.max(1)
-    );
-}
-
-fn cpu(args: &CpuArgs) {
+    let args = Args::parse();
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
