@@ -596,9 +596,8 @@ async fn open_reader(global: &Global, topic: &str) -> Result<Consumer, CliError>
 
 /// Reads in the background, timing each record sent `measure_from` or later after
 /// `epoch` from the send time it carries to the poll that returned it (and adding it to
-/// `timeline`), until it has
-/// read `expected` records (known once the producers are done) or nothing new has come
-/// for 10 s.
+/// `timeline`), until it has read `expected` records (known once the producers are
+/// done) or nothing new has come for 10 s.
 fn read_back(
     mut consumer: Consumer,
     epoch: Instant,
