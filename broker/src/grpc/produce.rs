@@ -1,17 +1,17 @@
 //! `ProduceService`: unary appends, and a stream that keeps many batches in flight.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Stream, StreamExt};
 use sluice_proto::v1::produce_service_server::ProduceService;
 use sluice_proto::v1::{
     produce_stream_response, Acks as WireAcks, ProduceRequest, ProduceResponse,
     ProduceStreamRequest, ProduceStreamResponse,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{partition_number, to_error, to_status, Context};
@@ -115,55 +115,110 @@ impl ProduceService for ProduceSvc {
         &self,
         request: Request<Streaming<ProduceStreamRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(1024);
         let ctx = Arc::clone(&self.ctx);
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = inbound.message() => next,
-                    // Shutting down: take no more batches; answer those taken, then end.
-                    () = ctx.stopped() => break,
-                };
-                let item = match next {
-                    Ok(Some(item)) => item,
-                    Ok(None) => break,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                };
-                let id = item.correlation_id;
-                let Some(req) = item.request else {
-                    let e = BrokerError::InvalidRequest("stream item without a request".into());
-                    let _ = tx.send(Ok(failed(id, &e))).await;
-                    continue;
-                };
-                // Queue in stream order; wait for acks concurrently.
-                match submit(&ctx, req).await {
-                    Ok((Acks::None, _)) => {}
-                    Ok((_, pending)) => {
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let msg = match pending.await {
-                                Ok(r) => ProduceStreamResponse {
-                                    correlation_id: id,
-                                    result: Some(produce_stream_response::Result::Response(r)),
-                                },
-                                Err(e) => failed(id, &e),
-                            };
-                            let _ = tx.send(Ok(msg)).await;
-                        });
-                    }
-                    Err(e) => {
-                        if tx.send(Ok(failed(id, &e))).await.is_err() {
-                            break;
-                        }
+        let stop_ctx = Arc::clone(&self.ctx);
+        let stream = ProduceStream {
+            inbound: request.into_inner(),
+            ctx,
+            stop: Box::pin(async move { stop_ctx.stopped().await }),
+            awaiting: FuturesUnordered::new(),
+            reading: true,
+            ended: false,
+        };
+        let answers = futures_util::stream::unfold(stream, |mut s| async move {
+            s.next_answer().await.map(|answer| (answer, s))
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
+/// Most batches one produce stream may have waiting for their acks; at this many it
+/// reads no more until an answer goes out (a client keeps far fewer in flight).
+const MAX_AWAITING: usize = 1024;
+
+/// A batch's answer, once its acks are in.
+type Awaiting = Pin<Box<dyn Future<Output = ProduceStreamResponse> + Send>>;
+
+/// One produce stream: the batches it reads, and those awaiting their acks. It is the
+/// response body itself, so reading, queueing and answering run on the task that sends
+/// the answers: no task per batch, and no channel between the reader and the response.
+struct ProduceStream {
+    inbound: Streaming<ProduceStreamRequest>,
+    ctx: Arc<Context>,
+    /// Resolves when the broker begins to stop.
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    awaiting: FuturesUnordered<Awaiting>,
+    /// False once the client closed its side or the broker is stopping.
+    reading: bool,
+    /// True once the stream failed: nothing more is sent.
+    ended: bool,
+}
+
+/// What one wait of a produce stream brought.
+enum Step {
+    Answer(ProduceStreamResponse),
+    Read(std::result::Result<Option<ProduceStreamRequest>, Status>),
+    Stop,
+}
+
+impl ProduceStream {
+    /// The next answer, reading and queueing batches meanwhile, in the order acks
+    /// complete; `None` once reading has ended and every batch taken is answered.
+    async fn next_answer(&mut self) -> Option<std::result::Result<ProduceStreamResponse, Status>> {
+        loop {
+            if self.ended || (!self.reading && self.awaiting.is_empty()) {
+                return None;
+            }
+            let can_read = self.reading && self.awaiting.len() < MAX_AWAITING;
+            let step = tokio::select! {
+                Some(answer) = self.awaiting.next(), if !self.awaiting.is_empty() => {
+                    Step::Answer(answer)
+                }
+                next = self.inbound.message(), if can_read => Step::Read(next),
+                () = &mut self.stop, if self.reading => Step::Stop,
+            };
+            match step {
+                Step::Answer(answer) => return Some(Ok(answer)),
+                Step::Read(Ok(Some(item))) => {
+                    if let Some(answer) = self.take(item).await {
+                        return Some(Ok(answer));
                     }
                 }
+                Step::Read(Ok(None)) => self.reading = false,
+                Step::Read(Err(status)) => {
+                    self.ended = true;
+                    return Some(Err(status));
+                }
+                // Stopping: take no more batches; answer those taken, then end.
+                Step::Stop => self.reading = false,
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    /// Queues one batch on its partition (in stream order); returns an answer due at
+    /// once, which is an error or nothing.
+    async fn take(&mut self, item: ProduceStreamRequest) -> Option<ProduceStreamResponse> {
+        let id = item.correlation_id;
+        let Some(req) = item.request else {
+            let e = BrokerError::InvalidRequest("stream item without a request".into());
+            return Some(failed(id, &e));
+        };
+        match submit(&self.ctx, req).await {
+            Ok((Acks::None, _)) => None,
+            Ok((_, pending)) => {
+                self.awaiting.push(Box::pin(async move {
+                    match pending.await {
+                        Ok(r) => ProduceStreamResponse {
+                            correlation_id: id,
+                            result: Some(produce_stream_response::Result::Response(r)),
+                        },
+                        Err(e) => failed(id, &e),
+                    }
+                }));
+                None
+            }
+            Err(e) => Some(failed(id, &e)),
+        }
     }
 }
 
