@@ -29,7 +29,7 @@ struct Args {
 /// Window over which piece times are summarized.
 const WINDOW: Duration = Duration::from_millis(20);
 
-/// A fixed amount of arithmetic (tens of microseconds) whose result is used, so the
+/// A fixed amount of arithmetic (well under a millisecond) whose result is used, so the
 /// compiler keeps it.
 fn piece(seed: u64) -> u64 {
     let mut x = seed | 1;
