@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct Schedule {
     start: Instant,
     interval: Duration,
+    /// Least time between the last record one wake sent falling due and the next wake.
+    wake_gap: Duration,
 }
 
 impl Schedule {
@@ -22,7 +24,23 @@ impl Schedule {
 
     /// A schedule of one record each `interval` from `start`.
     pub fn starting_at(start: Instant, interval: Duration) -> Schedule {
-        Schedule { start, interval }
+        Schedule {
+            start,
+            interval,
+            wake_gap: Duration::ZERO,
+        }
+    }
+
+    /// The same schedule, its sender waking no sooner than `gap` after the record before
+    /// the next one fell due, so each wake sends a larger group and no record waits more
+    /// than `gap` past its time. Waking costs the sender (a
+    /// sleep, a hand-off to the client) whatever it sends; records are still timed from
+    /// when they fell due, so the wait counts against the latency measured.
+    pub fn with_wake_gap(self, gap: Duration) -> Schedule {
+        Schedule {
+            wake_gap: gap,
+            ..self
+        }
     }
 
     /// When record `i` is due.
@@ -33,12 +51,16 @@ impl Schedule {
         self.start + Duration::from_nanos(nanos.saturating_mul(i))
     }
 
-    /// Blocks this thread until record `next` is due, then returns the end (exclusive,
+    /// Blocks this thread until record `next` is due (and the wake gap, if any, has
+    /// passed since record `next - 1` was), then returns the end (exclusive,
     /// at most `limit`) of the run of records due by now, so a late wake sends them
     /// together. A thread sleeps to within tens of microseconds; an async runtime's
     /// timer ticks in milliseconds and would count its lateness against the server.
     pub fn wait_due(&self, next: u64, limit: u64) -> u64 {
-        let at = self.due(next);
+        let mut at = self.due(next);
+        if next > 0 && !self.wake_gap.is_zero() {
+            at = at.max(self.due(next - 1) + self.wake_gap);
+        }
         let now = Instant::now();
         if at > now {
             std::thread::sleep(at - now);
@@ -91,5 +113,25 @@ mod tests {
         // before the second is out.
         assert_eq!(s.due(1_600_000), start + Duration::from_secs(1));
         assert_eq!(s.due(1_599_999), start + Duration::from_nanos(999_999_375));
+    }
+
+    #[test]
+    fn a_wake_gap_sends_what_fell_due_meanwhile_in_one_group() {
+        // One record every 10 µs, from 50 ms ago: record 5,000 is due now.
+        let interval = Duration::from_micros(10);
+        let start = Instant::now() - Duration::from_millis(50);
+        let plain = Schedule::starting_at(start, interval);
+        let gapped = plain.with_wake_gap(Duration::from_millis(20));
+        // Without a gap a late sender takes everything due (up to its cap of 4,096).
+        assert_eq!(plain.wait_due(100, 1_000_000), 4_196);
+        // With one, record 5,000 waits until 20 ms after record 4,999 was due, and by
+        // then about 2,000 more have fallen due: they go together.
+        let sent_at = Instant::now();
+        let end = gapped.wait_due(5_000, 1_000_000);
+        let slept = sent_at.elapsed();
+        assert!(slept >= Duration::from_millis(15), "slept {slept:?}");
+        assert!(end >= 7_000, "end {end}");
+        // However many fell due, a wake sends no further than the limit.
+        assert_eq!(gapped.wait_due(5_000, 5_001), 5_001);
     }
 }

@@ -37,6 +37,11 @@ struct Args {
     /// is then timed from each record's scheduled send.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// With --rate, the pacing thread wakes no sooner than this many µs after the last
+    /// record it sent fell due (as `sluice bench produce --wake-gap-us`); 0: as soon as
+    /// the next record is due.
+    #[arg(long, default_value_t = 0)]
+    wake_gap_us: u64,
     /// Replicas of the stream (3 needs a three-server cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -112,6 +117,7 @@ async fn publish(
     records: u64,
     window: usize,
     rate: Option<f64>,
+    wake_gap: Duration,
 ) -> Result<Vec<u32>, BoxError> {
     let js = jetstream::new(async_nats::connect(&url).await?);
     let window = Arc::new(Semaphore::new(window));
@@ -149,7 +155,11 @@ async fn publish(
             let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
                 let publisher = &publisher;
-                Schedule::new(per_second).drive(&runtime, records, |j, due| publisher.send(j, due))
+                Schedule::new(per_second).with_wake_gap(wake_gap).drive(
+                    &runtime,
+                    records,
+                    |j, due| publisher.send(j, due),
+                )
             })
             .await??;
         }
@@ -183,6 +193,7 @@ async fn main() -> Result<(), BoxError> {
             n,
             args.window,
             (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
+            Duration::from_micros(args.wake_gap_us),
         )));
     }
     let mut latencies = Vec::with_capacity(args.records as usize);

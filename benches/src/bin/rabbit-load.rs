@@ -44,6 +44,11 @@ struct Args {
     /// is then timed from each record's scheduled send.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// With --rate, the pacing thread wakes no sooner than this many µs after the last
+    /// record it sent fell due (as `sluice bench produce --wake-gap-us`); 0: as soon as
+    /// the next record is due.
+    #[arg(long, default_value_t = 0)]
+    wake_gap_us: u64,
     /// Concurrent producers, each on its own connection, sharing the stream.
     #[arg(long, default_value_t = 1)]
     producers: u32,
@@ -65,6 +70,8 @@ struct Load {
     batch_delay: Duration,
     /// Records per second, when paced.
     rate: Option<f64>,
+    /// Least time between a wake's last due record and the next wake, when paced.
+    wake_gap: Duration,
 }
 
 async fn run_producer(
@@ -79,6 +86,7 @@ async fn run_producer(
         batch_size,
         batch_delay,
         rate,
+        wake_gap,
     } = load;
     let producer = env
         .producer()
@@ -127,7 +135,9 @@ async fn run_producer(
             // Paced from a thread of this task's own: block_in_place lets it sleep
             // precisely without holding up the runtime's other work.
             tokio::task::block_in_place(|| {
-                Schedule::new(per_second).drive(&runtime, records, &send)
+                Schedule::new(per_second)
+                    .with_wake_gap(wake_gap)
+                    .drive(&runtime, records, &send)
             })?;
         }
     }
@@ -192,6 +202,7 @@ async fn main() -> Result<(), BoxError> {
                 batch_size: args.batch_size,
                 batch_delay: Duration::from_millis(args.batch_delay_ms),
                 rate: (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
+                wake_gap: Duration::from_micros(args.wake_gap_us),
             },
         )));
     }
