@@ -681,18 +681,7 @@ impl Segment {
         let Some(map) = &self.map else {
             return Ok(Bytes::new());
         };
-        let mut end = position;
-        while end < self.size {
-            let header = self.header_at(end)?;
-            if header.last_offset() >= upper {
-                break;
-            }
-            let next = end + header.total_len() as u64;
-            if end > position && (next - position) as usize > max_bytes {
-                break;
-            }
-            end = next;
-        }
+        let end = read_end(position, self.size, max_bytes, upper, |p| self.header_at(p))?;
         Ok(map.slice(position as usize..end as usize))
     }
 
@@ -893,4 +882,29 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Where a read from the batch at `start` ends, in a file of `size` bytes: whole
+/// batches, at least one (unless it reaches `upper`), within `max_bytes`, none holding an
+/// offset at or past `upper`. The one rule for every reader of batches in place.
+pub(crate) fn read_end<E>(
+    start: u64,
+    size: u64,
+    max_bytes: usize,
+    upper: u64,
+    mut header_at: impl FnMut(u64) -> std::result::Result<BatchHeader, E>,
+) -> std::result::Result<u64, E> {
+    let mut end = start;
+    while end < size {
+        let header = header_at(end)?;
+        if header.last_offset() >= upper {
+            break;
+        }
+        let next = end + header.total_len() as u64;
+        if end > start && (next - start) as usize > max_bytes {
+            break;
+        }
+        end = next;
+    }
+    Ok(end)
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::batch::BatchHeader;
+use crate::segment::read_end;
 
 /// Bytes between two anchors: a read walks at most this far through batch headers.
 const ANCHOR_EVERY: u64 = 64 << 10;
@@ -87,28 +88,18 @@ impl TailView {
         let anchor = self.anchors.get(i.checked_sub(1)?)?;
         let data = &self.written[..];
         let mut start = usize::try_from(anchor.position).ok()?;
-        let header = loop {
+        loop {
             let header = header_at(data, start)?;
             if header.last_offset() >= offset {
-                break header;
-            }
-            start += header.total_len();
-        };
-        // From here as `Segment::read`: at least one batch, whole batches within
-        // `max_bytes`, none reaching `upper`.
-        if header.last_offset() >= upper {
-            return Some(Bytes::new());
-        }
-        let mut end = start + header.total_len();
-        while end < data.len() {
-            let header = header_at(data, end)?;
-            let next = end + header.total_len();
-            if header.last_offset() >= upper || next - start > max_bytes {
                 break;
             }
-            end = next;
+            start += header.total_len();
         }
-        Some(self.written.slice(start..end))
+        let end = read_end(start as u64, data.len() as u64, max_bytes, upper, |p| {
+            header_at(data, p as usize).ok_or(())
+        })
+        .ok()?;
+        Some(self.written.slice(start..end as usize))
     }
 }
 
