@@ -48,7 +48,7 @@ use grpc::admin::AdminSvc;
 use grpc::controller::ControllerSvc;
 use grpc::fetch::FetchSvc;
 use grpc::group::GroupSvc;
-use grpc::produce::ProduceSvc;
+use grpc::produce::{ProduceRoutes, ProduceSvc};
 use grpc::replica::ReplicaSvc;
 use grpc::Context;
 use sluice_proto::v1::controller_service_server::ControllerServiceServer;
@@ -207,9 +207,7 @@ impl Broker {
             .build_v1alpha()
             .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
 
-        let produce = ProduceServiceServer::new(ProduceSvc::new(Arc::clone(&ctx)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let produce = ProduceRoutes::new(Arc::clone(&ctx));
         let fetch = FetchServiceServer::new(FetchSvc::new(Arc::clone(&ctx)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -11,7 +11,10 @@ use sluice_client::{
 use sluice_log_store::{Compression, RecordBatchBuilder};
 use sluice_proto::v1::fetch_service_client::FetchServiceClient;
 use sluice_proto::v1::produce_service_client::ProduceServiceClient;
-use sluice_proto::v1::{FetchPartition, FetchRequest, ProduceRequest};
+use sluice_proto::v1::{
+    produce_stream_response, Acks as WireAcks, FetchPartition, FetchRequest, ProduceRequest,
+    ProduceStreamRequest,
+};
 use sluice_tests::broker::InProcessBroker;
 use tonic::Code;
 
@@ -362,6 +365,87 @@ async fn every_error_reason_comes_from_a_real_request() {
     );
     let d = admin.describe_topic("strict").await.expect("describe");
     assert_eq!(d.partitions[0].log_end_offset, 0, "nothing half-written");
+    broker.stop().await;
+}
+
+/// The broker reads produce streams from the HTTP/2 frames itself; a stock gRPC client
+/// (one frame per message, unlike Sluice's producer) must get the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_grpc_client_streams_batches_and_gets_every_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("s", 1))
+        .await
+        .expect("create");
+    let mut produce = ProduceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let item = |id: u64, records: Bytes| ProduceStreamRequest {
+        correlation_id: id,
+        request: Some(ProduceRequest {
+            topic: "s".into(),
+            partition: 0,
+            records,
+            acks: WireAcks::Leader as i32,
+            timeout_ms: 0,
+        }),
+    };
+    let mut corrupt = batch(2, 10).to_vec();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let items = vec![
+        item(1, batch(3, 10)),
+        item(2, Bytes::from(corrupt)),
+        ProduceStreamRequest {
+            correlation_id: 3,
+            request: None,
+        },
+        // Larger than HTTP/2's default frame, so the server's frame size matters.
+        item(4, batch(2, 100_000)),
+    ];
+    let mut answers = produce
+        .produce_stream(tonic::codegen::tokio_stream::iter(items))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut got = HashMap::new();
+    while got.len() < 4 {
+        let answer = tokio::time::timeout(Duration::from_secs(30), answers.message())
+            .await
+            .expect("an answer within 30 s")
+            .expect("stream stays up")
+            .unwrap_or_else(|| panic!("four answers, got {got:?}"));
+        got.insert(answer.correlation_id, answer.result.expect("a result"));
+    }
+    let offsets = |id: u64| match &got[&id] {
+        produce_stream_response::Result::Response(r) => (r.base_offset, r.last_offset),
+        other => panic!("item {id}: {other:?}"),
+    };
+    let reason = |id: u64| match &got[&id] {
+        produce_stream_response::Result::Error(e) => ClientError::from(e).reason(),
+        other => panic!("item {id}: {other:?}"),
+    };
+    assert_eq!(offsets(1), (0, 2));
+    assert_eq!(reason(2), Some(ErrorReason::CorruptMessage));
+    assert_eq!(reason(3), Some(ErrorReason::InvalidRequest));
+    assert_eq!(offsets(4), (3, 4), "the bad items took no offsets");
+
+    // Compressed messages are refused as a whole, before any is read.
+    let mut compressed = tonic::Request::new(tonic::codegen::tokio_stream::iter(vec![item(
+        5,
+        batch(1, 10),
+    )]));
+    compressed
+        .metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().expect("ascii"));
+    let err = produce
+        .produce_stream(compressed)
+        .await
+        .expect_err("gzip is not accepted");
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
     broker.stop().await;
 }
 

@@ -5,18 +5,26 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Stream, StreamExt};
-use sluice_proto::v1::produce_service_server::ProduceService;
+use prost::Message;
+use sluice_proto::v1::produce_service_server::{ProduceService, ProduceServiceServer};
 use sluice_proto::v1::{
     produce_stream_response, Acks as WireAcks, ProduceRequest, ProduceResponse,
     ProduceStreamRequest, ProduceStreamResponse,
 };
+use tonic::codec::{EncodeBody, EncodeBuf, Encoder, SingleMessageCompressionOverride};
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::framing::{check_encoding, MessageReader};
 use super::{partition_number, to_error, to_status, Context};
 use crate::error::{BrokerError, Result};
 use crate::partition::{Acks, AppendResult};
+use crate::MAX_MESSAGE_BYTES;
 
 /// Longest a produce waits for its acks when the request does not say (Kafka's
 /// `request.timeout.ms`).
@@ -88,6 +96,10 @@ async fn submit(
     }))
 }
 
+/// The answers of a produce stream, as the response body sends them.
+pub type ProduceStreamStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<ProduceStreamResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ProduceService for ProduceSvc {
     async fn produce(
@@ -108,28 +120,135 @@ impl ProduceService for ProduceSvc {
         pending.await.map(Response::new).map_err(|e| to_status(&e))
     }
 
-    type ProduceStreamStream =
-        Pin<Box<dyn Stream<Item = std::result::Result<ProduceStreamResponse, Status>> + Send>>;
+    type ProduceStreamStream = ProduceStreamStream;
 
     async fn produce_stream(
         &self,
         request: Request<Streaming<ProduceStreamRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStreamStream>, Status> {
-        let ctx = Arc::clone(&self.ctx);
-        let stop_ctx = Arc::clone(&self.ctx);
-        let stream = ProduceStream {
-            inbound: request.into_inner(),
-            ctx,
-            stop: Box::pin(async move { stop_ctx.stopped().await }),
-            awaiting: FuturesUnordered::new(),
-            reading: true,
-            ended: false,
-        };
-        let answers = futures_util::stream::unfold(stream, |mut s| async move {
-            s.next_answer().await.map(|answer| (answer, s))
-        });
-        Ok(Response::new(Box::pin(answers)))
+        Ok(Response::new(answers(
+            Arc::clone(&self.ctx),
+            Box::pin(request.into_inner()),
+        )))
     }
+}
+
+/// `ProduceService` as the server routes it: `ProduceStream` reads its batches with
+/// [`MessageReader`], which hands over a batch that arrived in one HTTP/2 frame without
+/// copying it (tonic's reader copies each twice); every other call goes to the
+/// generated server.
+#[derive(Clone)]
+pub struct ProduceRoutes {
+    ctx: Arc<Context>,
+    generated: ProduceServiceServer<ProduceSvc>,
+}
+
+impl ProduceRoutes {
+    /// The routes over a broker context.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        let generated = ProduceServiceServer::new(ProduceSvc::new(Arc::clone(&ctx)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        ProduceRoutes { ctx, generated }
+    }
+}
+
+impl NamedService for ProduceRoutes {
+    const NAME: &'static str = <ProduceServiceServer<ProduceSvc> as NamedService>::NAME;
+}
+
+impl Service<http::Request<tonic::body::Body>> for ProduceRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let stream_call = req
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(Self::NAME))
+            == Some("/ProduceStream");
+        if !stream_call {
+            return self.generated.call(req);
+        }
+        let response = match check_encoding(&req) {
+            Ok(()) => {
+                let reader = MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES);
+                let inbound = futures_util::stream::unfold(reader, |mut reader| async move {
+                    match reader.next().await {
+                        // Decoding from the frames' bytes slices the batch out of them.
+                        Ok(Some(message)) => Some((
+                            ProduceStreamRequest::decode(message)
+                                .map_err(|e| Status::internal(format!("invalid request: {e}"))),
+                            reader,
+                        )),
+                        Ok(None) => None,
+                        Err(status) => Some((Err(status), reader)),
+                    }
+                });
+                let body = EncodeBody::new_server(
+                    AnswerEncoder,
+                    answers(Arc::clone(&self.ctx), Box::pin(inbound)),
+                    None,
+                    SingleMessageCompressionOverride::default(),
+                    Some(MAX_MESSAGE_BYTES),
+                );
+                let mut response = http::Response::new(tonic::body::Body::new(body));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                response
+            }
+            Err(status) => status.into_http(),
+        };
+        Box::pin(std::future::ready(Ok(response)))
+    }
+}
+
+/// Encodes a produce stream's answers (tonic's prost encoder, without its codec crate).
+struct AnswerEncoder;
+
+impl Encoder for AnswerEncoder {
+    type Item = ProduceStreamResponse;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: ProduceStreamResponse,
+        dst: &mut EncodeBuf<'_>,
+    ) -> std::result::Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("cannot encode an answer: {e}")))
+    }
+}
+
+/// A produce stream's batches, however they were read.
+type Inbound =
+    Pin<Box<dyn Stream<Item = std::result::Result<ProduceStreamRequest, Status>> + Send>>;
+
+/// The answers to one produce stream, in the order their acks complete.
+fn answers(ctx: Arc<Context>, inbound: Inbound) -> ProduceStreamStream {
+    let stop_ctx = Arc::clone(&ctx);
+    let stream = ProduceStream {
+        inbound,
+        ctx,
+        stop: Box::pin(async move { stop_ctx.stopped().await }),
+        awaiting: FuturesUnordered::new(),
+        reading: true,
+        ended: false,
+    };
+    Box::pin(futures_util::stream::unfold(stream, |mut s| async move {
+        s.next_answer().await.map(|answer| (answer, s))
+    }))
 }
 
 /// Most batches one produce stream may have waiting for their acks; at this many it
@@ -143,7 +262,7 @@ type Awaiting = Pin<Box<dyn Future<Output = ProduceStreamResponse> + Send>>;
 /// response body itself, so reading, queueing and answering run on the task that sends
 /// the answers: no task per batch, and no channel between the reader and the response.
 struct ProduceStream {
-    inbound: Streaming<ProduceStreamRequest>,
+    inbound: Inbound,
     ctx: Arc<Context>,
     /// Resolves when the broker begins to stop.
     stop: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -174,7 +293,7 @@ impl ProduceStream {
                 Some(answer) = self.awaiting.next(), if !self.awaiting.is_empty() => {
                     Step::Answer(answer)
                 }
-                next = self.inbound.message(), if can_read => Step::Read(next),
+                next = self.inbound.next(), if can_read => Step::Read(next.transpose()),
                 () = &mut self.stop, if self.reading => Step::Stop,
             };
             match step {
