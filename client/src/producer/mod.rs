@@ -15,6 +15,7 @@
 mod accumulator;
 pub mod partitioner;
 mod sender;
+mod wire;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;

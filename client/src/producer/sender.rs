@@ -9,18 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use sluice_proto::v1::produce_service_client::ProduceServiceClient;
-use sluice_proto::v1::{
-    produce_stream_response, Acks as WireAcks, ProduceRequest, ProduceStreamRequest,
-};
+use sluice_proto::v1::{produce_stream_response, Acks as WireAcks, ProduceRequest};
 use sluice_proto::ErrorReason;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::accumulator::{Accumulator, Acked, ReadyBatch};
 use super::{Acks, ProducerConfig};
-use crate::connection::MAX_MESSAGE_BYTES;
 use crate::error::ClientError;
 use crate::routes::Routes;
 
@@ -220,17 +215,14 @@ impl BrokerTask {
 /// Owns one broker's produce stream until the dispatcher drops its sender or the
 /// stream breaks.
 async fn broker_task(mut t: BrokerTask) {
-    let mut client = ProduceServiceClient::new(t.channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let timeout_ms = t
         .config
         .request_timeout
         .as_millis()
         .min(u128::from(u32::MAX)) as u32;
-    let (req_tx, req_rx) = mpsc::channel::<ProduceStreamRequest>(t.config.max_in_flight.max(16));
-    let mut responses = match client.produce_stream(ReceiverStream::new(req_rx)).await {
-        Ok(r) => r.into_inner(),
+    let (req_tx, req_rx) = mpsc::channel(t.config.max_in_flight.max(16));
+    let mut responses = match super::wire::produce_stream(t.channel.clone(), req_rx).await {
+        Ok(r) => r,
         Err(status) => {
             let err = ClientError::from(status);
             tracing::warn!(broker = %t.addr, error = %err, "cannot open the produce stream");
@@ -257,17 +249,14 @@ async fn broker_task(mut t: BrokerTask) {
             b = t.rx.recv(), if open => match b {
                 Some(b) => {
                     next_id += 1;
-                    let req = ProduceStreamRequest {
-                        correlation_id: next_id,
-                        request: Some(ProduceRequest {
-                            topic: b.topic.to_string(),
-                            partition: b.partition as i32,
-                            records: b.bytes.clone(),
-                            acks: wire_acks(t.config.acks),
-                            timeout_ms,
-                        }),
+                    let req = ProduceRequest {
+                        topic: b.topic.to_string(),
+                        partition: b.partition as i32,
+                        records: b.bytes.clone(),
+                        acks: wire_acks(t.config.acks),
+                        timeout_ms,
                     };
-                    if req_tx.send(req).await.is_err() {
+                    if req_tx.send((next_id, req)).await.is_err() {
                         in_flight.insert(next_id, b);
                         break;
                     }
