@@ -226,6 +226,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             warmup,
             Timeline::new(window),
             expected_rx,
+            args.records.min(1 << 24) as usize,
         )
     });
     let end_to_end = args.end_to_end;
@@ -628,16 +629,20 @@ async fn open_reader(global: &Global, topic: &str) -> Result<Consumer, CliError>
 /// Reads in the background, timing each record sent `measure_from` or later after
 /// `epoch` from the send time it carries to the poll that returned it (and adding it to
 /// `timeline`), until it has read `expected` records (known once the producers are
-/// done) or nothing new has come for 10 s.
+/// done) or nothing new has come for 10 s. Room for `capacity` latencies is taken up
+/// front: growing the list mid-run copies it, and at millions of records each copy held
+/// up the reader, and the tasks sharing its thread, for milliseconds, which showed as
+/// latency spikes when the list reached 1, 2 and 4 million.
 fn read_back(
     mut consumer: Consumer,
     epoch: Instant,
     measure_from: Duration,
     mut timeline: Timeline,
     mut expected: tokio::sync::watch::Receiver<Option<u64>>,
+    capacity: usize,
 ) -> tokio::task::JoinHandle<Result<ReadBack, CliError>> {
     tokio::spawn(async move {
-        let mut latencies = Vec::new();
+        let mut latencies = Vec::with_capacity(capacity);
         let mut read = 0u64;
         let mut last_new = Instant::now();
         loop {
