@@ -46,13 +46,12 @@ use controller::{Controller, ControllerConfig};
 use group::{CoordinatorConfig, GroupCoordinator};
 use grpc::admin::AdminSvc;
 use grpc::controller::ControllerSvc;
-use grpc::fetch::FetchSvc;
+use grpc::fetch::{FetchRoutes, FetchSvc};
 use grpc::group::GroupSvc;
 use grpc::produce::{ProduceRoutes, ProduceSvc};
-use grpc::replica::ReplicaSvc;
+use grpc::replica::ReplicaRoutes;
 use grpc::Context;
 use sluice_proto::v1::controller_service_server::ControllerServiceServer;
-use sluice_proto::v1::replica_service_server::ReplicaServiceServer;
 use topic::manager::{TopicDefaults, Topics};
 
 /// Largest gRPC message accepted or sent (a produce carries one batch; a fetch many).
@@ -207,20 +206,16 @@ impl Broker {
             .build_v1alpha()
             .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
 
-        let produce = ProduceRoutes::new(Arc::clone(&ctx));
-        let fetch = FetchServiceServer::new(FetchSvc::new(Arc::clone(&ctx)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let produce = ProduceRoutes::over(Arc::clone(&ctx));
+        let fetch = FetchRoutes::over(Arc::clone(&ctx));
         let admin = AdminServiceServer::new(AdminSvc::new(Arc::clone(&ctx)));
         let group = GroupServiceServer::new(GroupSvc::new(Arc::clone(&ctx)));
         let controller_svc = controller
             .clone()
             .map(|c| ControllerServiceServer::new(ControllerSvc::new(c)));
-        let replica_svc = controller.is_some().then(|| {
-            ReplicaServiceServer::new(ReplicaSvc::new(Arc::clone(&ctx)))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        });
+        let replica_svc = controller
+            .is_some()
+            .then(|| ReplicaRoutes::over(Arc::clone(&ctx)));
 
         // A single node is part of its cluster as soon as its topics are open.
         health_reporter

@@ -3,19 +3,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use futures_util::future::select_all;
 use futures_util::FutureExt;
-use sluice_proto::v1::fetch_service_server::FetchService;
+use prost::Message;
+use sluice_proto::v1::fetch_service_server::{FetchService, FetchServiceServer};
 use sluice_proto::v1::{
     offset_query, FetchPartitionResponse, FetchRequest, FetchResponse, ListOffsetsRequest,
     ListOffsetsResponse, OffsetAnswer,
 };
 use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::codegen::{http, BoxFuture};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
+use super::framing::{
+    bytes_field_len, field_overhead, is_call, read_unary, Handler, Intercept, Pieces,
+};
 use super::{partition_number, to_error, Context};
 use crate::error::BrokerError;
 use crate::partition::{OffsetSpec, PartitionHandle};
+use crate::MAX_MESSAGE_BYTES;
 
 /// Longest a fetch may wait, whatever it asks.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -35,6 +45,79 @@ impl FetchSvc {
     pub fn new(ctx: Arc<Context>) -> Self {
         FetchSvc { ctx }
     }
+}
+
+/// `FetchService` as the server routes it: `Fetch` answers with each partition's
+/// records sent from the log's pages as they are (see [`Pieces`]); `ListOffsets` goes to
+/// the generated server.
+pub type FetchRoutes = Intercept<FetchServiceServer<FetchSvc>, FetchCalls>;
+
+impl FetchRoutes {
+    /// The routes over a broker context.
+    pub fn over(ctx: Arc<Context>) -> Self {
+        let svc = FetchSvc::new(ctx);
+        let generated = FetchServiceServer::new(svc.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Intercept::new(generated, FetchCalls { svc })
+    }
+}
+
+/// The fetch calls served without tonic's codec.
+#[derive(Clone)]
+pub struct FetchCalls {
+    svc: FetchSvc,
+}
+
+impl Handler for FetchCalls {
+    const NAME: &'static str = <FetchServiceServer<FetchSvc> as NamedService>::NAME;
+
+    fn takes(&self, req: &http::Request<Body>) -> bool {
+        is_call(req, Self::NAME, "Fetch")
+    }
+
+    fn serve(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
+        let svc = self.svc.clone();
+        Box::pin(async move {
+            let answer = match read_unary::<FetchRequest>(req).await {
+                Ok(request) => svc.fetch(Request::new(request)).await,
+                Err(status) => Err(status),
+            };
+            Ok(match answer {
+                Ok(response) => fetch_answer(response.into_inner()),
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// `FetchResponse.partitions`'s field number.
+const PARTITIONS_FIELD: u32 = 1;
+/// `FetchPartitionResponse.records`'s field number.
+const RECORDS_FIELD: u32 = 5;
+
+/// A fetch's answer on the wire, each partition's records by reference.
+fn fetch_answer(response: FetchResponse) -> http::Response<Body> {
+    let parts: Vec<(FetchPartitionResponse, bytes::Bytes, usize)> = response
+        .partitions
+        .into_iter()
+        .map(|mut p| {
+            let records = std::mem::take(&mut p.records);
+            let len = p.encoded_len() + bytes_field_len(RECORDS_FIELD, &records);
+            (p, records, len)
+        })
+        .collect();
+    let total = parts
+        .iter()
+        .map(|(_, _, len)| field_overhead(PARTITIONS_FIELD, *len) + len)
+        .sum();
+    let mut out = Pieces::new(total);
+    for (p, records, len) in parts {
+        out.field_start(PARTITIONS_FIELD, len);
+        out.encoded(&p);
+        out.bytes_field(RECORDS_FIELD, records);
+    }
+    out.into_response()
 }
 
 fn lookup(ctx: &Context, topic: &str, partition: i32) -> Result<PartitionHandle, BrokerError> {
@@ -196,5 +279,71 @@ impl FetchService for FetchSvc {
             answers.push(a);
         }
         Ok(Response::new(ListOffsetsResponse { answers }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use tonic::codegen::Body as _;
+
+    #[tokio::test]
+    async fn an_answer_decodes_whole_and_its_records_are_not_copied() {
+        let records = Bytes::from(vec![7u8; 3000]);
+        let response = FetchResponse {
+            partitions: vec![
+                FetchPartitionResponse {
+                    topic: "a".into(),
+                    partition: 3,
+                    high_watermark: 10,
+                    log_start_offset: 2,
+                    records: records.clone(),
+                    error: None,
+                },
+                // An empty partition and an error one: no records field at all.
+                FetchPartitionResponse {
+                    topic: "b".into(),
+                    partition: 0,
+                    high_watermark: 0,
+                    ..Default::default()
+                },
+                FetchPartitionResponse {
+                    topic: "c".into(),
+                    partition: 1,
+                    high_watermark: -1,
+                    log_start_offset: -1,
+                    error: Some(to_error(&BrokerError::InvalidRequest("x".into()))),
+                    ..Default::default()
+                },
+            ],
+        };
+        let mut body = fetch_answer(response.clone()).into_body();
+        let mut wire = Vec::new();
+        let mut shared = false;
+        let mut trailers = None;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let frame = frame.expect("a frame");
+            if frame.is_trailers() {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
+            let data = frame.into_data().expect("data");
+            shared |= data.as_ptr() == records.as_ptr();
+            wire.extend_from_slice(&data);
+        }
+        assert!(shared, "the records went out as the caller's bytes");
+        let trailers = trailers.expect("trailers");
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        assert_eq!(wire[0], 0);
+        let len = u32::from_be_bytes([wire[1], wire[2], wire[3], wire[4]]) as usize;
+        assert_eq!(len, wire.len() - 5);
+        let back = FetchResponse::decode(&wire[5..]).expect("decodes");
+        assert_eq!(back, response);
     }
 }

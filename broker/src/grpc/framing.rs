@@ -1,4 +1,5 @@
-//! gRPC messages read straight from a request's HTTP/2 DATA frames.
+//! gRPC messages read straight from a request's HTTP/2 DATA frames, and answers whose
+//! record bytes go to the socket as they are.
 //!
 //! tonic's decoder copies every DATA frame into one growing buffer and then reserves a
 //! whole message's length again once the message's prefix is read, so a message that
@@ -8,13 +9,28 @@
 //! (as from Sluice's producer, which sends each batch as a frame of its own). Decoding
 //! a `bytes` field that lies within one piece slices it; only a field split across
 //! frames is copied.
+//!
+//! tonic's encoder likewise writes a whole answer into one buffer, so a fetch copied
+//! every record it returned out of the log's mapped pages before the socket copied it
+//! again. [`Pieces`] sends the records slices as chunks of their own instead.
+//!
+//! [`Intercept`] routes the calls served this way to these functions and every other
+//! call of the service to tonic's generated server.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::codegen::Body as HttpBody;
+use tonic::codegen::{BoxFuture, Service};
+use tonic::server::NamedService;
 use tonic::{Code, Status};
+
+use crate::MAX_MESSAGE_BYTES;
 
 /// gRPC's message prefix: a compressed flag and a big-endian length.
 const PREFIX: usize = 5;
@@ -207,6 +223,203 @@ pub(crate) fn check_encoding<B>(req: &http::Request<B>) -> Result<(), Status> {
             "messages compressed with {} are not accepted here; send them uncompressed",
             String::from_utf8_lossy(v.as_bytes())
         ))),
+    }
+}
+
+/// The calls of one service served here rather than by tonic's generated server.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The gRPC service's full name.
+    const NAME: &'static str;
+
+    /// Whether `req` is one of this handler's calls.
+    fn takes(&self, req: &http::Request<Body>) -> bool;
+
+    /// Serves one of this handler's calls.
+    fn serve(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible>;
+}
+
+/// Whether `req` calls `method` of `service`.
+pub(crate) fn is_call(req: &http::Request<Body>, service: &str, method: &str) -> bool {
+    req.uri()
+        .path()
+        .strip_prefix('/')
+        .and_then(|p| p.strip_prefix(service))
+        .and_then(|p| p.strip_prefix('/'))
+        == Some(method)
+}
+
+/// A generated service whose hot calls `H` serves itself.
+#[derive(Clone)]
+pub struct Intercept<S, H> {
+    generated: S,
+    handler: H,
+}
+
+impl<S, H> Intercept<S, H> {
+    /// `generated`, with `handler`'s calls taken over.
+    pub fn new(generated: S, handler: H) -> Self {
+        Intercept { generated, handler }
+    }
+}
+
+impl<S, H: Handler> NamedService for Intercept<S, H> {
+    const NAME: &'static str = H::NAME;
+}
+
+impl<S, H> Service<http::Request<Body>> for Intercept<S, H>
+where
+    S: Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future = BoxFuture<http::Response<Body>, Infallible>,
+    >,
+    H: Handler,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<http::Response<Body>, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.generated.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if self.handler.takes(&req) {
+            self.handler.serve(req)
+        } else {
+            self.generated.call(req)
+        }
+    }
+}
+
+/// Reads a unary call's one message.
+pub(crate) async fn read_unary<M: prost::Message + Default>(
+    req: http::Request<Body>,
+) -> Result<M, Status> {
+    check_encoding(&req)?;
+    let mut reader = MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES);
+    let Some(message) = reader.next().await? else {
+        return Err(Status::internal("the request carried no message"));
+    };
+    let request =
+        M::decode(message).map_err(|e| Status::internal(format!("invalid request: {e}")))?;
+    if reader.next().await?.is_some() {
+        return Err(Status::internal(
+            "a unary call carried more than one message",
+        ));
+    }
+    Ok(request)
+}
+
+/// The bytes a length-delimited field takes besides its content.
+pub(crate) fn field_overhead(field: u32, len: usize) -> usize {
+    prost::encoding::encoded_len_varint(key(field))
+        + prost::encoding::encoded_len_varint(len as u64)
+}
+
+/// The bytes a `bytes` field of this content takes (none when empty: proto3 leaves
+/// it out).
+pub(crate) fn bytes_field_len(field: u32, content: &Bytes) -> usize {
+    if content.is_empty() {
+        0
+    } else {
+        field_overhead(field, content.len()) + content.len()
+    }
+}
+
+fn key(field: u32) -> u64 {
+    // Wire type 2: length-delimited.
+    u64::from(field) << 3 | 2
+}
+
+/// One answer's wire form, written in order as small encoded parts and, by reference,
+/// the `bytes` fields between them.
+pub(crate) struct Pieces {
+    chunks: VecDeque<Bytes>,
+    head: BytesMut,
+}
+
+impl Pieces {
+    /// An answer of `message_len` bytes (its gRPC prefix is written here).
+    pub(crate) fn new(message_len: usize) -> Self {
+        let mut head = BytesMut::with_capacity(256);
+        head.put_u8(0);
+        head.put_u32(message_len as u32);
+        Pieces {
+            chunks: VecDeque::new(),
+            head,
+        }
+    }
+
+    /// Appends `m`'s fields.
+    pub(crate) fn encoded(&mut self, m: &impl prost::Message) {
+        // Writing to a growable buffer cannot run out of room, the only way it fails.
+        let _ = m.encode(&mut self.head);
+    }
+
+    /// Appends the key and length of a length-delimited field whose content follows.
+    pub(crate) fn field_start(&mut self, field: u32, len: usize) {
+        prost::encoding::encode_varint(key(field), &mut self.head);
+        prost::encoding::encode_varint(len as u64, &mut self.head);
+    }
+
+    /// Appends a `bytes` field, its content by reference (nothing when empty).
+    pub(crate) fn bytes_field(&mut self, field: u32, content: Bytes) {
+        if content.is_empty() {
+            return;
+        }
+        self.field_start(field, content.len());
+        self.chunks.push_back(self.head.split().freeze());
+        self.chunks.push_back(content);
+    }
+
+    /// The whole answer: its chunks, then the trailers of a call that succeeded.
+    pub(crate) fn into_response(mut self) -> http::Response<Body> {
+        if !self.head.is_empty() {
+            self.chunks.push_back(self.head.split().freeze());
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let body = Chunks {
+            chunks: self.chunks,
+            trailers: Some(trailers),
+        };
+        let mut response = http::Response::new(Body::new(body));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
+    }
+}
+
+/// A body of data chunks, then trailers.
+struct Chunks {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl HttpBody for Chunks {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+        }
+        Poll::Ready(
+            self.trailers
+                .take()
+                .map(|t| Ok(http_body::Frame::trailers(t))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && self.trailers.is_none()
     }
 }
 

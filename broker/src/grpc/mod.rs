@@ -4,7 +4,7 @@
 pub mod admin;
 pub mod controller;
 pub mod fetch;
-mod framing;
+pub mod framing;
 pub mod group;
 pub mod produce;
 pub mod replica;

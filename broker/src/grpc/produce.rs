@@ -16,11 +16,11 @@ use sluice_proto::v1::{
     ProduceStreamRequest, ProduceStreamResponse,
 };
 use tonic::codec::{EncodeBody, EncodeBuf, Encoder, SingleMessageCompressionOverride};
-use tonic::codegen::{http, BoxFuture, Service};
+use tonic::codegen::{http, BoxFuture};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::framing::{check_encoding, MessageReader};
+use super::framing::{check_encoding, is_call, Handler, Intercept, MessageReader};
 use super::{partition_number, to_error, to_status, Context};
 use crate::error::{BrokerError, Result};
 use crate::partition::{Acks, AppendResult};
@@ -134,51 +134,37 @@ impl ProduceService for ProduceSvc {
 }
 
 /// `ProduceService` as the server routes it: `ProduceStream` reads its batches with
-/// [`MessageReader`], which hands over a batch that arrived in one HTTP/2 frame without
-/// copying it (tonic's reader copies each twice); every other call goes to the
-/// generated server.
-#[derive(Clone)]
-pub struct ProduceRoutes {
-    ctx: Arc<Context>,
-    generated: ProduceServiceServer<ProduceSvc>,
-}
+/// [`MessageReader`], which hands over a batch as the bytes of the HTTP/2 frame it came
+/// in (tonic's reader copies each twice); every other call goes to the generated server.
+pub type ProduceRoutes = Intercept<ProduceServiceServer<ProduceSvc>, ProduceCalls>;
 
 impl ProduceRoutes {
     /// The routes over a broker context.
-    pub fn new(ctx: Arc<Context>) -> Self {
+    pub fn over(ctx: Arc<Context>) -> Self {
         let generated = ProduceServiceServer::new(ProduceSvc::new(Arc::clone(&ctx)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        ProduceRoutes { ctx, generated }
+        Intercept::new(generated, ProduceCalls { ctx })
     }
 }
 
-impl NamedService for ProduceRoutes {
+/// The produce calls served without tonic's codec.
+#[derive(Clone)]
+pub struct ProduceCalls {
+    ctx: Arc<Context>,
+}
+
+impl Handler for ProduceCalls {
     const NAME: &'static str = <ProduceServiceServer<ProduceSvc> as NamedService>::NAME;
-}
 
-impl Service<http::Request<tonic::body::Body>> for ProduceRoutes {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::result::Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
+    fn takes(&self, req: &http::Request<tonic::body::Body>) -> bool {
+        is_call(req, Self::NAME, "ProduceStream")
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let stream_call = req
-            .uri()
-            .path()
-            .strip_prefix('/')
-            .and_then(|p| p.strip_prefix(Self::NAME))
-            == Some("/ProduceStream");
-        if !stream_call {
-            return self.generated.call(req);
-        }
+    fn serve(
+        &self,
+        req: http::Request<tonic::body::Body>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
         let response = match check_encoding(&req) {
             Ok(()) => {
                 let reader = MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES);

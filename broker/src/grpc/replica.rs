@@ -4,15 +4,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_proto::v1::replica_service_server::ReplicaService;
+use std::convert::Infallible;
+
+use prost::Message;
+use sluice_proto::v1::replica_service_server::{ReplicaService, ReplicaServiceServer};
 use sluice_proto::v1::{
     EpochEndOffsetRequest, EpochEndOffsetResponse, ReplicaFetchRequest, ReplicaFetchResponse,
 };
+use tonic::body::Body;
+use tonic::codegen::{http, BoxFuture};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
+use super::framing::{bytes_field_len, is_call, read_unary, Handler, Intercept, Pieces};
 use super::{partition_number, to_status, Context};
 use crate::error::BrokerError;
 use crate::partition::PartitionHandle;
+use crate::MAX_MESSAGE_BYTES;
 
 /// Longest a replica fetch may wait, whatever it asks.
 const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -36,6 +44,61 @@ impl ReplicaSvc {
             .cloned()
     }
 }
+
+/// `ReplicaService` as the server routes it: `ReplicaFetch` answers with the records
+/// sent from the log's pages as they are (see [`Pieces`]); `EpochEndOffset` goes to the
+/// generated server.
+pub type ReplicaRoutes = Intercept<ReplicaServiceServer<ReplicaSvc>, ReplicaCalls>;
+
+impl ReplicaRoutes {
+    /// The routes over a broker context.
+    pub fn over(ctx: Arc<Context>) -> Self {
+        let svc = ReplicaSvc::new(ctx);
+        let generated = ReplicaServiceServer::new(svc.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Intercept::new(generated, ReplicaCalls { svc })
+    }
+}
+
+/// The replica calls served without tonic's codec.
+#[derive(Clone)]
+pub struct ReplicaCalls {
+    svc: ReplicaSvc,
+}
+
+impl Handler for ReplicaCalls {
+    const NAME: &'static str = <ReplicaServiceServer<ReplicaSvc> as NamedService>::NAME;
+
+    fn takes(&self, req: &http::Request<Body>) -> bool {
+        is_call(req, Self::NAME, "ReplicaFetch")
+    }
+
+    fn serve(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
+        let svc = self.svc.clone();
+        Box::pin(async move {
+            let answer = match read_unary::<ReplicaFetchRequest>(req).await {
+                Ok(request) => svc.replica_fetch(Request::new(request)).await,
+                Err(status) => Err(status),
+            };
+            Ok(match answer {
+                Ok(response) => {
+                    let mut response = response.into_inner();
+                    let records = std::mem::take(&mut response.records);
+                    let len = response.encoded_len() + bytes_field_len(RECORDS_FIELD, &records);
+                    let mut out = Pieces::new(len);
+                    out.encoded(&response);
+                    out.bytes_field(RECORDS_FIELD, records);
+                    out.into_response()
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// `ReplicaFetchResponse.records`'s field number.
+const RECORDS_FIELD: u32 = 1;
 
 #[tonic::async_trait]
 impl ReplicaService for ReplicaSvc {
