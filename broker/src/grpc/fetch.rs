@@ -20,7 +20,7 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use super::framing::{
-    bytes_field_len, field_overhead, is_call, read_unary, Handler, Intercept, Pieces,
+    bytes_field_len, field_overhead, is_call, serve_unary, Handler, Intercept, Pieces,
 };
 use super::{partition_number, to_error, Context};
 use crate::error::BrokerError;
@@ -78,16 +78,8 @@ impl Handler for FetchCalls {
 
     fn serve(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
         let svc = self.svc.clone();
-        Box::pin(async move {
-            let answer = match read_unary::<FetchRequest>(req).await {
-                Ok(request) => svc.fetch(Request::new(request)).await,
-                Err(status) => Err(status),
-            };
-            Ok(match answer {
-                Ok(response) => fetch_answer(response.into_inner()),
-                Err(status) => status.into_http(),
-            })
-        })
+        let call = move |r: FetchRequest| async move { svc.fetch(Request::new(r)).await };
+        serve_unary(req, call, fetch_answer)
     }
 }
 
@@ -111,7 +103,10 @@ fn fetch_answer(response: FetchResponse) -> http::Response<Body> {
         .iter()
         .map(|(_, _, len)| field_overhead(PARTITIONS_FIELD, *len) + len)
         .sum();
-    let mut out = Pieces::new(total);
+    let mut out = match Pieces::new(total) {
+        Ok(out) => out,
+        Err(status) => return status.into_http(),
+    };
     for (p, records, len) in parts {
         out.field_start(PARTITIONS_FIELD, len);
         out.encoded(&p);

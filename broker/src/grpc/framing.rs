@@ -293,10 +293,32 @@ where
     }
 }
 
-/// Reads a unary call's one message.
-pub(crate) async fn read_unary<M: prost::Message + Default>(
+/// Serves a unary call: reads its one message, lets `call` answer it, and writes the
+/// answer with `write`; a failure on either side goes back as a status.
+pub(crate) fn serve_unary<M, R, Fut>(
     req: http::Request<Body>,
-) -> Result<M, Status> {
+    call: impl FnOnce(M) -> Fut + Send + 'static,
+    write: fn(R) -> http::Response<Body>,
+) -> BoxFuture<http::Response<Body>, Infallible>
+where
+    M: prost::Message + Default + Send + 'static,
+    R: 'static,
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>> + Send + 'static,
+{
+    Box::pin(async move {
+        let answer = match read_unary::<M>(req).await {
+            Ok(request) => call(request).await,
+            Err(status) => Err(status),
+        };
+        Ok(match answer {
+            Ok(response) => write(response.into_inner()),
+            Err(status) => status.into_http(),
+        })
+    })
+}
+
+/// Reads a unary call's one message.
+async fn read_unary<M: prost::Message + Default>(req: http::Request<Body>) -> Result<M, Status> {
     check_encoding(&req)?;
     let mut reader = MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES);
     let Some(message) = reader.next().await? else {
@@ -341,15 +363,21 @@ pub(crate) struct Pieces {
 }
 
 impl Pieces {
-    /// An answer of `message_len` bytes (its gRPC prefix is written here).
-    pub(crate) fn new(message_len: usize) -> Self {
+    /// An answer of `message_len` bytes (its gRPC prefix is written here); refused, as
+    /// tonic's encoder refuses it, past `MAX_MESSAGE_BYTES`.
+    pub(crate) fn new(message_len: usize) -> Result<Self, Status> {
+        if message_len > MAX_MESSAGE_BYTES {
+            return Err(Status::out_of_range(format!(
+                "an answer of {message_len} bytes; the limit is {MAX_MESSAGE_BYTES} bytes"
+            )));
+        }
         let mut head = BytesMut::with_capacity(256);
         head.put_u8(0);
         head.put_u32(message_len as u32);
-        Pieces {
+        Ok(Pieces {
             chunks: VecDeque::new(),
             head,
-        }
+        })
     }
 
     /// Appends `m`'s fields.
@@ -538,6 +566,13 @@ mod tests {
             let err = read_all(frames, 1 << 20).await.expect_err("truncated");
             assert_eq!(err.code(), Code::Internal, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn an_answer_past_the_message_limit_is_refused() {
+        let refused = Pieces::new(MAX_MESSAGE_BYTES + 1).err().map(|s| s.code());
+        assert_eq!(refused, Some(Code::OutOfRange));
+        assert!(Pieces::new(MAX_MESSAGE_BYTES).is_ok());
     }
 
     #[tokio::test]

@@ -1,11 +1,10 @@
 //! `ProduceService`: unary appends, and a stream that keeps many batches in flight.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::convert::Infallible;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Stream, StreamExt};

@@ -16,7 +16,7 @@ use tonic::codegen::{http, BoxFuture};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-use super::framing::{bytes_field_len, is_call, read_unary, Handler, Intercept, Pieces};
+use super::framing::{bytes_field_len, is_call, serve_unary, Handler, Intercept, Pieces};
 use super::{partition_number, to_status, Context};
 use crate::error::BrokerError;
 use crate::partition::PartitionHandle;
@@ -76,24 +76,23 @@ impl Handler for ReplicaCalls {
 
     fn serve(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
         let svc = self.svc.clone();
-        Box::pin(async move {
-            let answer = match read_unary::<ReplicaFetchRequest>(req).await {
-                Ok(request) => svc.replica_fetch(Request::new(request)).await,
-                Err(status) => Err(status),
-            };
-            Ok(match answer {
-                Ok(response) => {
-                    let mut response = response.into_inner();
-                    let records = std::mem::take(&mut response.records);
-                    let len = response.encoded_len() + bytes_field_len(RECORDS_FIELD, &records);
-                    let mut out = Pieces::new(len);
-                    out.encoded(&response);
-                    out.bytes_field(RECORDS_FIELD, records);
-                    out.into_response()
-                }
-                Err(status) => status.into_http(),
-            })
-        })
+        let call =
+            move |r: ReplicaFetchRequest| async move { svc.replica_fetch(Request::new(r)).await };
+        serve_unary(req, call, replica_answer)
+    }
+}
+
+/// A follower's fetch answer on the wire, its records by reference.
+fn replica_answer(mut response: ReplicaFetchResponse) -> http::Response<Body> {
+    let records = std::mem::take(&mut response.records);
+    let len = response.encoded_len() + bytes_field_len(RECORDS_FIELD, &records);
+    match Pieces::new(len) {
+        Ok(mut out) => {
+            out.encoded(&response);
+            out.bytes_field(RECORDS_FIELD, records);
+            out.into_response()
+        }
+        Err(status) => status.into_http(),
     }
 }
 
