@@ -54,14 +54,7 @@ use grpc::Context;
 use sluice_proto::v1::controller_service_server::ControllerServiceServer;
 use topic::manager::{TopicDefaults, Topics};
 
-/// Largest gRPC message accepted or sent (a produce carries one batch; a fetch many).
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
-
-/// Largest HTTP/2 frame this broker takes, as server and as a peer's client. With
-/// HTTP/2's default of 16 KiB a 256 KiB batch came in sixteen frames, each decoded,
-/// flow-controlled and handed on by itself; in one frame, 1 KiB records went about 1.5
-/// times as fast on a third to a half less broker CPU (docs/benchmarks.md).
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+pub use sluice_proto::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
 
 /// The endpoint of another broker at `addr` (`host:port`): it connects within a second,
 /// gives each call `timeout`, and sends small messages at once (with Nagle's algorithm

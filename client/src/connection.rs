@@ -9,13 +9,7 @@ use crate::error::{ClientError, Result};
 /// The default broker address.
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9292";
 
-/// Largest gRPC message the client sends or accepts.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
-
-/// Largest HTTP/2 frame the client takes: a fetch answer of 1 MiB comes in one frame
-/// instead of sixty-four of HTTP/2's default 16 KiB (a consumer on a backlog read about
-/// a third faster so).
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+pub use sluice_proto::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
 
 /// The endpoint of one broker, `host:port` or a URI, with the client's settings.
 pub fn endpoint(addr: &str) -> std::result::Result<Endpoint, String> {
