@@ -13,6 +13,8 @@ pub mod v1 {
     tonic::include_proto!("sluice.v1");
 }
 
+pub mod wire;
+
 pub use v1::ErrorReason;
 
 /// The encoded `FileDescriptorSet` of every Sluice .proto file.

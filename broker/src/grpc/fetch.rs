@@ -19,9 +19,9 @@ use tonic::codegen::{http, BoxFuture};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-use super::framing::{
-    bytes_field_len, field_overhead, is_call, serve_unary, Handler, Intercept, Pieces,
-};
+use sluice_proto::wire::{bytes_field_len, field_overhead, Pieces};
+
+use super::framing::{is_call, respond, serve_unary, Handler, Intercept};
 use super::{partition_number, to_error, Context};
 use crate::error::BrokerError;
 use crate::partition::{OffsetSpec, PartitionHandle};
@@ -48,7 +48,7 @@ impl FetchSvc {
 }
 
 /// `FetchService` as the server routes it: `Fetch` answers with each partition's
-/// records sent from the log's pages as they are (see [`Pieces`]); `ListOffsets` goes to
+/// records sent from the log's pages as they are (see [`respond`]); `ListOffsets` goes to
 /// the generated server.
 pub type FetchRoutes = Intercept<FetchServiceServer<FetchSvc>, FetchCalls>;
 
@@ -112,7 +112,7 @@ fn fetch_answer(response: FetchResponse) -> http::Response<Body> {
         out.encoded(&p);
         out.bytes_field(RECORDS_FIELD, records);
     }
-    out.into_response()
+    respond(out)
 }
 
 fn lookup(ctx: &Context, topic: &str, partition: i32) -> Result<PartitionHandle, BrokerError> {

@@ -12,7 +12,8 @@
 //!
 //! tonic's encoder likewise writes a whole answer into one buffer, so a fetch copied
 //! every record it returned out of the log's mapped pages before the socket copied it
-//! again. [`Pieces`] sends the records slices as chunks of their own instead.
+//! again. [`respond`] sends an answer written as [`Pieces`] instead: the records slices
+//! go out as chunks of their own.
 //!
 //! [`Intercept`] routes the calls served this way to these functions and every other
 //! call of the service to tonic's generated server.
@@ -23,6 +24,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use sluice_proto::wire::Pieces;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::codegen::Body as HttpBody;
@@ -191,7 +193,7 @@ where
     fn message_len(&self, prefix: [u8; PREFIX]) -> Result<usize, Status> {
         match prefix[0] {
             0 => {}
-            // No encoding is accepted (see `check_encoding`), so none may be used.
+            // No encoding is accepted (see `of_request`), so none may be used.
             1 => {
                 return Err(Status::internal(
                     "a compressed message, but the request named no grpc-encoding",
@@ -214,8 +216,16 @@ where
     }
 }
 
-/// Refuses a request that compresses its messages: this reader accepts no encoding.
-pub(crate) fn check_encoding<B>(req: &http::Request<B>) -> Result<(), Status> {
+impl MessageReader<Body> {
+    /// Reads the messages of `req`, of at most `MAX_MESSAGE_BYTES`; refuses a request
+    /// that compresses them, as this reader accepts no encoding.
+    pub(crate) fn of_request(req: http::Request<Body>) -> Result<Self, Status> {
+        check_encoding(&req)?;
+        Ok(MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES))
+    }
+}
+
+fn check_encoding<B>(req: &http::Request<B>) -> Result<(), Status> {
     match req.headers().get("grpc-encoding") {
         None => Ok(()),
         Some(v) if v.as_bytes() == b"identity" => Ok(()),
@@ -319,8 +329,7 @@ where
 
 /// Reads a unary call's one message.
 async fn read_unary<M: prost::Message + Default>(req: http::Request<Body>) -> Result<M, Status> {
-    check_encoding(&req)?;
-    let mut reader = MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES);
+    let mut reader = MessageReader::of_request(req)?;
     let Some(message) = reader.next().await? else {
         return Err(Status::internal("the request carried no message"));
     };
@@ -334,92 +343,21 @@ async fn read_unary<M: prost::Message + Default>(req: http::Request<Body>) -> Re
     Ok(request)
 }
 
-/// The bytes a length-delimited field takes besides its content.
-pub(crate) fn field_overhead(field: u32, len: usize) -> usize {
-    prost::encoding::encoded_len_varint(key(field))
-        + prost::encoding::encoded_len_varint(len as u64)
-}
-
-/// The bytes a `bytes` field of this content takes (none when empty: proto3 leaves
-/// it out).
-pub(crate) fn bytes_field_len(field: u32, content: &Bytes) -> usize {
-    if content.is_empty() {
-        0
-    } else {
-        field_overhead(field, content.len()) + content.len()
-    }
-}
-
-fn key(field: u32) -> u64 {
-    // Wire type 2: length-delimited.
-    u64::from(field) << 3 | 2
-}
-
-/// One answer's wire form, written in order as small encoded parts and, by reference,
-/// the `bytes` fields between them.
-pub(crate) struct Pieces {
-    chunks: VecDeque<Bytes>,
-    head: BytesMut,
-}
-
-impl Pieces {
-    /// An answer of `message_len` bytes (its gRPC prefix is written here); refused, as
-    /// tonic's encoder refuses it, past `MAX_MESSAGE_BYTES`.
-    pub(crate) fn new(message_len: usize) -> Result<Self, Status> {
-        if message_len > MAX_MESSAGE_BYTES {
-            return Err(Status::out_of_range(format!(
-                "an answer of {message_len} bytes; the limit is {MAX_MESSAGE_BYTES} bytes"
-            )));
-        }
-        let mut head = BytesMut::with_capacity(256);
-        head.put_u8(0);
-        head.put_u32(message_len as u32);
-        Ok(Pieces {
-            chunks: VecDeque::new(),
-            head,
-        })
-    }
-
-    /// Appends `m`'s fields.
-    pub(crate) fn encoded(&mut self, m: &impl prost::Message) {
-        // Writing to a growable buffer cannot run out of room, the only way it fails.
-        let _ = m.encode(&mut self.head);
-    }
-
-    /// Appends the key and length of a length-delimited field whose content follows.
-    pub(crate) fn field_start(&mut self, field: u32, len: usize) {
-        prost::encoding::encode_varint(key(field), &mut self.head);
-        prost::encoding::encode_varint(len as u64, &mut self.head);
-    }
-
-    /// Appends a `bytes` field, its content by reference (nothing when empty).
-    pub(crate) fn bytes_field(&mut self, field: u32, content: Bytes) {
-        if content.is_empty() {
-            return;
-        }
-        self.field_start(field, content.len());
-        self.chunks.push_back(self.head.split().freeze());
-        self.chunks.push_back(content);
-    }
-
-    /// The whole answer: its chunks, then the trailers of a call that succeeded.
-    pub(crate) fn into_response(mut self) -> http::Response<Body> {
-        if !self.head.is_empty() {
-            self.chunks.push_back(self.head.split().freeze());
-        }
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        let body = Chunks {
-            chunks: self.chunks,
-            trailers: Some(trailers),
-        };
-        let mut response = http::Response::new(Body::new(body));
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
-        response
-    }
+/// A call's answer written as [`Pieces`]: its chunks, then the trailers of a call that
+/// succeeded.
+pub(crate) fn respond(answer: Pieces) -> http::Response<Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let body = Chunks {
+        chunks: answer.into_chunks(),
+        trailers: Some(trailers),
+    };
+    let mut response = http::Response::new(Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// A body of data chunks, then trailers.
@@ -566,13 +504,6 @@ mod tests {
             let err = read_all(frames, 1 << 20).await.expect_err("truncated");
             assert_eq!(err.code(), Code::Internal, "cut at {cut}");
         }
-    }
-
-    #[test]
-    fn an_answer_past_the_message_limit_is_refused() {
-        let refused = Pieces::new(MAX_MESSAGE_BYTES + 1).err().map(|s| s.code());
-        assert_eq!(refused, Some(Code::OutOfRange));
-        assert!(Pieces::new(MAX_MESSAGE_BYTES).is_ok());
     }
 
     #[tokio::test]

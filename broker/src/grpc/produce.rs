@@ -14,12 +14,13 @@ use sluice_proto::v1::{
     produce_stream_response, Acks as WireAcks, ProduceRequest, ProduceResponse,
     ProduceStreamRequest, ProduceStreamResponse,
 };
-use tonic::codec::{EncodeBody, EncodeBuf, Encoder, SingleMessageCompressionOverride};
+use tonic::codec::{EncodeBody, SingleMessageCompressionOverride};
 use tonic::codegen::{http, BoxFuture};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::ProstEncoder;
 
-use super::framing::{check_encoding, is_call, Handler, Intercept, MessageReader};
+use super::framing::{is_call, Handler, Intercept, MessageReader};
 use super::{partition_number, to_error, to_status, Context};
 use crate::error::{BrokerError, Result};
 use crate::partition::{Acks, AppendResult};
@@ -164,9 +165,8 @@ impl Handler for ProduceCalls {
         &self,
         req: http::Request<tonic::body::Body>,
     ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
-        let response = match check_encoding(&req) {
-            Ok(()) => {
-                let reader = MessageReader::new(req.into_body(), MAX_MESSAGE_BYTES);
+        let response = match MessageReader::of_request(req) {
+            Ok(reader) => {
                 let inbound = futures_util::stream::unfold(reader, |mut reader| async move {
                     match reader.next().await {
                         // Decoding from the frames' bytes slices the batch out of them.
@@ -180,7 +180,7 @@ impl Handler for ProduceCalls {
                     }
                 });
                 let body = EncodeBody::new_server(
-                    AnswerEncoder,
+                    ProstEncoder::<ProduceStreamResponse>::default(),
                     answers(Arc::clone(&self.ctx), Box::pin(inbound)),
                     None,
                     SingleMessageCompressionOverride::default(),
@@ -196,23 +196,6 @@ impl Handler for ProduceCalls {
             Err(status) => status.into_http(),
         };
         Box::pin(std::future::ready(Ok(response)))
-    }
-}
-
-/// Encodes a produce stream's answers (tonic's prost encoder, without its codec crate).
-struct AnswerEncoder;
-
-impl Encoder for AnswerEncoder {
-    type Item = ProduceStreamResponse;
-    type Error = Status;
-
-    fn encode(
-        &mut self,
-        item: ProduceStreamResponse,
-        dst: &mut EncodeBuf<'_>,
-    ) -> std::result::Result<(), Status> {
-        item.encode(dst)
-            .map_err(|e| Status::internal(format!("cannot encode an answer: {e}")))
     }
 }
 

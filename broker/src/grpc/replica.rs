@@ -16,7 +16,9 @@ use tonic::codegen::{http, BoxFuture};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-use super::framing::{bytes_field_len, is_call, serve_unary, Handler, Intercept, Pieces};
+use sluice_proto::wire::{bytes_field_len, Pieces};
+
+use super::framing::{is_call, respond, serve_unary, Handler, Intercept};
 use super::{partition_number, to_status, Context};
 use crate::error::BrokerError;
 use crate::partition::PartitionHandle;
@@ -46,7 +48,7 @@ impl ReplicaSvc {
 }
 
 /// `ReplicaService` as the server routes it: `ReplicaFetch` answers with the records
-/// sent from the log's pages as they are (see [`Pieces`]); `EpochEndOffset` goes to the
+/// sent from the log's pages as they are (see [`respond`]); `EpochEndOffset` goes to the
 /// generated server.
 pub type ReplicaRoutes = Intercept<ReplicaServiceServer<ReplicaSvc>, ReplicaCalls>;
 
@@ -90,7 +92,7 @@ fn replica_answer(mut response: ReplicaFetchResponse) -> http::Response<Body> {
         Ok(mut out) => {
             out.encoded(&response);
             out.bytes_field(RECORDS_FIELD, records);
-            out.into_response()
+            respond(out)
         }
         Err(status) => status.into_http(),
     }
