@@ -263,8 +263,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                 let mut time_seen = |seen: &mut Vec<Instant>, lat: &mut Vec<u32>| {
                     let now = Instant::now();
                     for sent in seen.drain(..) {
-                        let micros = now.saturating_duration_since(sent).as_micros();
-                        let micros = micros.min(u128::from(u32::MAX)) as u32;
+                        let micros = micros_of(now.saturating_duration_since(sent));
                         lat.push(micros);
                         timeline.add(sent.duration_since(started), micros);
                     }
@@ -500,6 +499,11 @@ struct ReadBack {
     timeline: Timeline,
 }
 
+/// A latency as the lists keep it: whole µs, capped at `u32::MAX` (over an hour).
+fn micros_of(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
 /// Latencies (µs) grouped by the window their record was sent in, for `--timeline-ms`;
 /// collects nothing without a window.
 #[derive(Default)]
@@ -664,8 +668,7 @@ fn read_back(
                 if sent < measure_from {
                     continue;
                 }
-                let micros = now.saturating_sub(sent).as_micros();
-                let micros = micros.min(u128::from(u32::MAX)) as u32;
+                let micros = micros_of(now.saturating_sub(sent));
                 latencies.push(micros);
                 timeline.add(sent, micros);
             }
