@@ -75,6 +75,11 @@ pub struct BrokerArgs {
     /// keeps its count.
     #[arg(long, env = "SLUICE_OFFSETS_TOPIC_PARTITIONS")]
     pub offsets_topic_partitions: Option<u32>,
+    /// Threads that serve connections and run the partitions' small rounds; large
+    /// rounds and fsyncs run on threads of their own [default: half the CPUs, at
+    /// least 1].
+    #[arg(long, env = "SLUICE_NETWORK_THREADS")]
+    pub network_threads: Option<usize>,
 }
 
 /// The TOML file's shape: the same settings as the flags.
@@ -97,6 +102,7 @@ struct FileConfig {
     controller_quorum: Option<String>,
     replica_lag_time_max_ms: Option<u64>,
     offsets_topic_partitions: Option<u32>,
+    network_threads: Option<usize>,
 }
 
 /// The broker's effective configuration.
@@ -134,6 +140,20 @@ pub struct BrokerConfig {
     pub controller_quorum: Vec<(u64, String)>,
     /// A follower not caught up for this long leaves the ISR (`replica.lag.time.max.ms`).
     pub replica_lag_time_max: Duration,
+    /// Worker threads of the async runtime (connections and partition tasks).
+    pub network_threads: usize,
+}
+
+/// Most network threads a broker may be given.
+pub const MAX_NETWORK_THREADS: usize = 256;
+
+/// Half the CPUs this process may run on, at least one. Every hand-off between
+/// threads costs a wake-up, so fewer threads than CPUs serve requests with less CPU
+/// each; the other half is left to the threads that write, fsync and read the logs
+/// (on two CPUs, one network thread took about a third less broker CPU per produce
+/// request than two, at the same throughput: docs/benchmarks.md).
+fn default_network_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// The default listen address.
@@ -161,6 +181,7 @@ impl Default for BrokerConfig {
             offsets_topic_partitions: 8,
             controller_quorum: Vec::new(),
             replica_lag_time_max: Duration::from_secs(30),
+            network_threads: default_network_threads(),
         }
     }
 }
@@ -237,6 +258,10 @@ impl BrokerConfig {
                 .replica_lag_time_max_ms
                 .or(file.replica_lag_time_max_ms)
                 .map_or(d.replica_lag_time_max, Duration::from_millis),
+            network_threads: args
+                .network_threads
+                .or(file.network_threads)
+                .unwrap_or(d.network_threads),
         };
         config.validate()?;
         Ok(config)
@@ -254,6 +279,12 @@ impl BrokerConfig {
             return Err(format!(
                 "offsets topic partitions must be 1 to 1000, not {}",
                 self.offsets_topic_partitions
+            ));
+        }
+        if !(1..=MAX_NETWORK_THREADS).contains(&self.network_threads) {
+            return Err(format!(
+                "network threads must be 1 to {MAX_NETWORK_THREADS}, not {}",
+                self.network_threads
             ));
         }
         if self.group_heartbeat_interval.is_zero()
@@ -370,6 +401,25 @@ mod tests {
         })
         .expect_err("unknown key");
         assert!(err.contains("nodeid"), "{err}");
+        let err = BrokerConfig::from_args(BrokerArgs {
+            network_threads: Some(0),
+            ..BrokerArgs::default()
+        })
+        .expect_err("no network threads");
+        assert!(err.contains("network threads must be 1 to"), "{err}");
+    }
+
+    #[test]
+    fn network_threads_default_to_half_the_cpus_and_can_be_set() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let c = BrokerConfig::from_args(BrokerArgs::default()).expect("valid");
+        assert_eq!(c.network_threads, (cpus / 2).max(1));
+        let c = BrokerConfig::from_args(BrokerArgs {
+            network_threads: Some(3),
+            ..BrokerArgs::default()
+        })
+        .expect("valid");
+        assert_eq!(c.network_threads, 3);
     }
 
     #[test]

@@ -34,11 +34,6 @@ fn main() -> ExitCode {
     // Every request's buffers are fresh: reuse freed ones rather than fault new pages in
     // (about a sixth less broker CPU for 1 KiB records, docs/benchmarks.md).
     sluice_log_store::memory::keep_freed_memory();
-    run()
-}
-
-#[tokio::main]
-async fn run() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -53,6 +48,21 @@ async fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.network_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice-broker: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: BrokerConfig) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -431,12 +431,7 @@ impl Log {
         header: &BatchHeader,
     ) -> Result<()> {
         let len = header.total_len() as u64;
-        let active = self.active();
-        let age_roll = match (self.config.segment_ms, active.rolling_time_ms()) {
-            (Some(ms), Some(t)) => !active.is_empty() && now_ms().saturating_sub(t) >= ms as i64,
-            _ => false,
-        };
-        if age_roll || active.must_roll_for(len, header.last_offset()) {
+        if self.roll_due(len, header.last_offset()) {
             self.roll()?;
         }
         let position = self.active().size();
@@ -451,6 +446,26 @@ impl Log {
                 Err(e)
             }
         }
+    }
+
+    /// Whether appending `len` bytes ending at `last_offset` starts a new segment first:
+    /// the active one is too old or has no room.
+    fn roll_due(&self, len: u64, last_offset: u64) -> bool {
+        let active = self.active();
+        let age_roll = match (self.config.segment_ms, active.rolling_time_ms()) {
+            (Some(ms), Some(t)) => !active.is_empty() && now_ms().saturating_sub(t) >= ms as i64,
+            _ => false,
+        };
+        age_roll || active.must_roll_for(len, last_offset)
+    }
+
+    /// Whether `len` more bytes of batches would go into the active segment with no new
+    /// segment made, as far as its age, size and offsets tell now (an index filling up
+    /// part-way through can still roll it): what an owner checks before appending on a
+    /// thread that should not wait for files to be created.
+    pub fn fits_active_segment(&self, len: u64) -> bool {
+        // A record takes more than one byte, so `len` bounds how many offsets they use.
+        !self.roll_due(len, self.log_end_offset().saturating_add(len))
     }
 
     /// Flushes if the policy asks for it now: always under `EveryBatch` (when anything is

@@ -299,6 +299,34 @@ fn rolls_on_age() {
     assert_eq!(log.segment_count(), 2);
 }
 
+#[test]
+fn fits_active_segment_says_beforehand_whether_an_append_rolls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config()).expect("open");
+    let mut rolls_seen = 0;
+    for i in 0..100 {
+        let b = batch(&format!("b{i}"), 5, i);
+        let fits = log.fits_active_segment(b.len() as u64);
+        let before = log.segment_count();
+        log.append(&b, opts()).expect("append");
+        let rolled = log.segment_count() > before;
+        assert_eq!(fits, !rolled, "batch {i}: fits {fits}, rolled {rolled}");
+        rolls_seen += usize::from(rolled);
+    }
+    assert!(rolls_seen >= 2, "{rolls_seen} rolls");
+
+    // Age: a segment past segment.ms has no room for anything.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.segment_ms = Some(50);
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.append(&batch("a", 1, sluice_now()), opts())
+        .expect("append");
+    assert!(log.fits_active_segment(100));
+    std::thread::sleep(Duration::from_millis(80));
+    assert!(!log.fits_active_segment(100));
+}
+
 fn sluice_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -606,4 +606,75 @@ mod tests {
             3
         );
     }
+
+    #[tokio::test]
+    async fn appends_keep_their_order_whether_rounds_run_in_place_or_on_blocking_threads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = TopicConfig::default();
+        config.log.flush = FlushPolicy::Os;
+        // Small segments, so some rounds roll one (those go to a blocking thread).
+        config.log.segment_bytes = 64 << 10;
+        let (p, _m) = start(dir.path(), config);
+        // Small batches (rounds run in place) and ones of over 256 KiB (rounds that go
+        // to a blocking thread), interleaved and concurrent.
+        let big = |tag: &str| {
+            let mut b = RecordBatchBuilder::new(Compression::None);
+            for i in 0..300 {
+                b.append(
+                    1000 + i,
+                    None,
+                    Some(format!("{tag}-{i}-{}", "x".repeat(1000)).as_bytes()),
+                    &[],
+                );
+            }
+            b.build().expect("build")
+        };
+        let mut waits = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..60 {
+            let (b, n) = if i % 10 == 9 {
+                (big(&format!("b{i}")), 300)
+            } else {
+                (batch(&format!("b{i}"), 5), 5)
+            };
+            expected.push(n);
+            let p = p.clone();
+            let acks = if i % 2 == 0 { Acks::All } else { Acks::Leader };
+            waits.push(tokio::spawn(async move { p.append(b, acks).await }));
+        }
+        let mut next = 0u64;
+        for (w, n) in waits.into_iter().zip(expected) {
+            let r = w.await.expect("join").expect("append");
+            // Spawned in order onto one channel: offsets follow the order sent.
+            assert_eq!((r.base_offset, r.last_offset), (next, next + n - 1));
+            next += n;
+        }
+        assert_eq!(p.state().high_watermark, next);
+        let segments = std::fs::read_dir(dir.path().join("t-0"))
+            .expect("partition dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count();
+        assert!(segments > 3, "{segments} segments");
+        // Read back: every batch whole, in the order sent.
+        let (mut offset, mut i) = (0, 0);
+        while offset < next {
+            let data = p.read(offset, 1 << 20).await.expect("read");
+            let batches: Vec<_> = BatchIter::new(data).collect();
+            assert!(!batches.is_empty(), "nothing at {offset}");
+            for b in batches {
+                let b = b.expect("batch");
+                assert_eq!(b.header().base_offset, offset);
+                let first = b.records().expect("records").remove(0);
+                let value = first.value.expect("value");
+                assert!(value.starts_with(format!("b{i}-0").as_bytes()), "batch {i}");
+                offset = b.header().last_offset() + 1;
+                i += 1;
+            }
+        }
+        assert_eq!(i, 60);
+        p.close().await.expect("close");
+    }
 }

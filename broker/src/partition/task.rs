@@ -92,6 +92,10 @@ pub(super) async fn run(mut task: Task) {
             _ = ticker.tick() => Work::Tick,
         };
         let closed_channel = matches!(&work, Work::Commands(c) if c.is_empty());
+        let inline = task
+            .log
+            .as_ref()
+            .is_some_and(|(log, _)| runs_inline(&work, log, &task.config));
         let Some(owned) = task.log.take() else { return };
         let config = task.config.clone();
         let manager = Arc::clone(&task.manager);
@@ -101,7 +105,7 @@ pub(super) async fn run(mut task: Task) {
         }
         let tp = Arc::clone(&task.tp);
         let out = Arc::clone(&task.out);
-        let round = tokio::task::spawn_blocking(move || {
+        let round = move || {
             let mut owned = Some(owned);
             let (after, changed) = match work {
                 Work::Tick => {
@@ -143,12 +147,19 @@ pub(super) async fn run(mut task: Task) {
                 None => None,
             };
             (owned, changed.unwrap_or(config), after, background)
-        })
-        .await;
+        };
+        let round = if inline {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(round))
+                .map_err(|_| "panicked".to_string())
+        } else {
+            tokio::task::spawn_blocking(round)
+                .await
+                .map_err(|e| e.to_string())
+        };
         let (owned, config, after, background) = match round {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(partition = %task.tp, error = %e, "partition round panicked");
+                tracing::error!(partition = %task.tp, error = %e, "partition round failed");
                 return;
             }
         };
@@ -168,6 +179,35 @@ pub(super) async fn run(mut task: Task) {
             return;
         }
     }
+}
+
+/// Most bytes a round may append and still run on the partition task itself.
+const INLINE_ROUND_BYTES: usize = 256 * 1024;
+
+/// Whether a round is cheap enough to run where the partition task is, rather than on a
+/// blocking thread: only appends, together at most `INLINE_ROUND_BYTES` (a copy into the
+/// page cache of tens of µs), into the active segment, with no fsync. Handing a round to
+/// another thread and back costs two wake-ups, more than such a round itself (on two
+/// CPUs about a third of the broker's CPU per produce request: docs/benchmarks.md).
+/// Everything that may wait on the disk (fsync, new segments, retention, reads that
+/// fault pages in) still goes to a blocking thread.
+fn runs_inline(work: &Work, log: &Log, config: &TopicConfig) -> bool {
+    let Work::Commands(cmds) = work else {
+        // Taking a finished flush back is bookkeeping; ticks may fsync or delete.
+        return matches!(work, Work::Flushed(_));
+    };
+    if cmds.is_empty() || config.log.flush == FlushPolicy::EveryBatch {
+        return false;
+    }
+    let mut bytes = 0usize;
+    for cmd in cmds {
+        match cmd {
+            Command::Append { batch, .. } => bytes += batch.len(),
+            Command::AppendFromLeader { records, .. } => bytes += records.len(),
+            _ => return false,
+        }
+    }
+    bytes <= INLINE_ROUND_BYTES && log.fits_active_segment(bytes as u64)
 }
 
 fn tick_interval(config: &TopicConfig) -> Duration {
@@ -509,5 +549,85 @@ fn refuse(cmd: Command) {
         | Command::AppendFromLeader { reply, .. } => {
             let _ = reply.send(Err(err));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_log_store::{Compression, LogConfig, RecordBatchBuilder};
+
+    use super::*;
+
+    fn append(bytes: usize) -> Command {
+        let mut b = RecordBatchBuilder::new(Compression::None);
+        b.append(1000, None, Some(&vec![b'x'; bytes]), &[]);
+        Command::Append {
+            batch: b.build().expect("build"),
+            acks: Acks::Leader,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn log(dir: &std::path::Path, config: &TopicConfig) -> Log {
+        let manager = LogManager::open(dir).expect("manager");
+        manager
+            .create(&TopicPartition::new("t", 0), config.log.clone())
+            .expect("create")
+    }
+
+    #[test]
+    fn only_small_appends_without_fsync_or_new_segments_run_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut os = TopicConfig::default();
+        os.log.flush = FlushPolicy::Os;
+        let mut l = log(dir.path(), &os);
+        let small = || Work::Commands(vec![append(100), append(100)]);
+        assert!(runs_inline(&small(), &l, &os));
+        let interval = TopicConfig {
+            log: LogConfig {
+                flush: FlushPolicy::Interval(Duration::from_secs(1)),
+                ..os.log.clone()
+            },
+            ..os.clone()
+        };
+        assert!(runs_inline(&small(), &l, &interval));
+        // An fsync per round waits on the disk.
+        let every = TopicConfig {
+            log: LogConfig {
+                flush: FlushPolicy::EveryBatch,
+                ..os.log.clone()
+            },
+            ..os.clone()
+        };
+        assert!(!runs_inline(&small(), &l, &every));
+        // Too many bytes together.
+        let big = Work::Commands(vec![append(200 << 10), append(100 << 10)]);
+        assert!(!runs_inline(&big, &l, &os));
+        // Anything but appends.
+        let read = Command::Read {
+            offset: 0,
+            max_bytes: 100,
+            to_log_end: true,
+            reply: oneshot::channel().0,
+        };
+        assert!(!runs_inline(
+            &Work::Commands(vec![append(100), read]),
+            &l,
+            &os
+        ));
+        assert!(!runs_inline(&Work::Tick, &l, &os));
+        assert!(!runs_inline(&Work::Commands(Vec::new()), &l, &os));
+
+        // An append that would start a new segment.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tiny = os.clone();
+        tiny.log.segment_bytes = 4096;
+        l = log(dir.path(), &tiny);
+        let Command::Append { batch, .. } = append(3000) else {
+            unreachable!()
+        };
+        l.append(&batch, AppendOptions::default()).expect("append");
+        assert!(!runs_inline(&Work::Commands(vec![append(2000)]), &l, &tiny));
+        assert!(runs_inline(&Work::Commands(vec![append(100)]), &l, &tiny));
     }
 }
