@@ -364,8 +364,12 @@ impl Accumulator {
     /// Batches to send now (at most `room`), after closing batches whose linger passed,
     /// and when the sender should look again.
     pub fn take_ready(&self, room: usize) -> (Vec<ReadyBatch>, Option<Instant>) {
-        let now = Instant::now();
         let mut guard = self.lock();
+        // Read under the lock: every batch seen here was opened before `now`. Read before
+        // it, a batch opened meanwhile looked too young to send even with no linger; the
+        // sender then slept on a timer (a millisecond, tokio's resolution) although the
+        // wake-up that batch rang had already been spent.
+        let now = Instant::now();
         let st = &mut *guard;
         let linger = self.config.linger;
         let flushing = st.flushing > 0;
@@ -476,5 +480,61 @@ impl Accumulator {
         }
         self.lock().flushing -= 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::producer::{ProducerConfig, ProducerRecord};
+
+    #[test]
+    fn with_no_linger_a_take_leaves_no_batch_to_a_timer() {
+        let acc = Arc::new(Accumulator::new(ProducerConfig {
+            linger: Duration::ZERO,
+            ..ProducerConfig::default()
+        }));
+        let topic: Arc<str> = "t".into();
+        acc.set_partition_count(&topic, 1);
+        let done = Arc::new(AtomicBool::new(false));
+        let appender = {
+            let (acc, topic, done) = (Arc::clone(&acc), Arc::clone(&topic), Arc::clone(&done));
+            std::thread::spawn(move || {
+                for _ in 0..50_000 {
+                    let record = ProducerRecord {
+                        topic: Arc::clone(&topic),
+                        partition: Some(0),
+                        value: Some(Bytes::from_static(b"v")),
+                        ..ProducerRecord::default()
+                    };
+                    match acc.try_append(record) {
+                        TryAppend::Done(r) => drop(r.expect("appended")),
+                        TryAppend::Blocked(_, why) => panic!("blocked: {why:?}"),
+                    }
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        // Batches open while takes run on another thread. With no linger, each take
+        // must send every batch opened before it: one left behind would wait for the
+        // sender's timer, which had been told to wake at once.
+        let mut takes = 0u64;
+        while !done.load(Ordering::Acquire) {
+            let (ready, next) = acc.take_ready(usize::MAX);
+            assert_eq!(next, None, "a batch was left for later after {takes} takes");
+            for b in ready {
+                acc.complete(
+                    b,
+                    Ok(Acked {
+                        base_offset: Some(0),
+                        log_append_time: -1,
+                    }),
+                );
+            }
+            takes += 1;
+        }
+        appender.join().expect("appender");
     }
 }

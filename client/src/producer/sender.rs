@@ -156,11 +156,15 @@ async fn dispatch(
                 acc.requeue(b, Duration::ZERO);
             }
         }
-        let sleep = tokio::time::sleep(
-            next_wake
-                .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
-                .unwrap_or(Duration::from_millis(200)),
-        );
+        let wait = next_wake.map_or(Duration::from_millis(200), |t| {
+            t.saturating_duration_since(tokio::time::Instant::now())
+        });
+        if wait.is_zero() {
+            // Due already: a timer would round up to the next millisecond.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let sleep = tokio::time::sleep(wait);
         tokio::select! {
             _ = acc.wake.notified() => {}
             _ = sleep => {}
