@@ -188,9 +188,10 @@ const INLINE_ROUND_BYTES: usize = 256 * 1024;
 /// blocking thread: only appends, together at most `INLINE_ROUND_BYTES` (a copy into the
 /// page cache of tens of µs), into the active segment, with no fsync. Handing a round to
 /// another thread and back costs two wake-ups, more than such a round itself (on two
-/// CPUs about a third of the broker's CPU per produce request: docs/benchmarks.md).
+/// CPUs about a quarter of the broker's CPU per produce request: docs/benchmarks.md).
 /// Everything that may wait on the disk (fsync, new segments, retention, reads that
-/// fault pages in) still goes to a blocking thread.
+/// fault pages in) still goes to a blocking thread. Under `flush.policy=interval` a
+/// round may still start writeback (`sync_file_range`, which does not wait for it).
 fn runs_inline(work: &Work, log: &Log, config: &TopicConfig) -> bool {
     let Work::Commands(cmds) = work else {
         // Taking a finished flush back is bookkeeping; ticks may fsync or delete.

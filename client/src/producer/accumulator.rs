@@ -485,8 +485,6 @@ impl Accumulator {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     use super::*;
     use crate::producer::{ProducerConfig, ProducerRecord};
 
@@ -498,9 +496,8 @@ mod tests {
         }));
         let topic: Arc<str> = "t".into();
         acc.set_partition_count(&topic, 1);
-        let done = Arc::new(AtomicBool::new(false));
         let appender = {
-            let (acc, topic, done) = (Arc::clone(&acc), Arc::clone(&topic), Arc::clone(&done));
+            let (acc, topic) = (Arc::clone(&acc), Arc::clone(&topic));
             std::thread::spawn(move || {
                 for _ in 0..50_000 {
                     let record = ProducerRecord {
@@ -514,14 +511,13 @@ mod tests {
                         TryAppend::Blocked(_, why) => panic!("blocked: {why:?}"),
                     }
                 }
-                done.store(true, Ordering::Release);
             })
         };
         // Batches open while takes run on another thread. With no linger, each take
         // must send every batch opened before it: one left behind would wait for the
         // sender's timer, which had been told to wake at once.
         let mut takes = 0u64;
-        while !done.load(Ordering::Acquire) {
+        while !appender.is_finished() {
             let (ready, next) = acc.take_ready(usize::MAX);
             assert_eq!(next, None, "a batch was left for later after {takes} takes");
             for b in ready {
