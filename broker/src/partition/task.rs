@@ -555,7 +555,7 @@ fn refuse(cmd: Command) {
 
 #[cfg(test)]
 mod tests {
-    use sluice_log_store::{Compression, LogConfig, RecordBatchBuilder};
+    use sluice_log_store::{Compression, RecordBatchBuilder};
 
     use super::*;
 
@@ -578,29 +578,24 @@ mod tests {
 
     #[test]
     fn only_small_appends_without_fsync_or_new_segments_run_in_place() {
+        let flushing = |flush| {
+            let mut c = TopicConfig::default();
+            c.log.flush = flush;
+            c
+        };
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut os = TopicConfig::default();
-        os.log.flush = FlushPolicy::Os;
+        let os = flushing(FlushPolicy::Os);
         let mut l = log(dir.path(), &os);
         let small = || Work::Commands(vec![append(100), append(100)]);
         assert!(runs_inline(&small(), &l, &os));
-        let interval = TopicConfig {
-            log: LogConfig {
-                flush: FlushPolicy::Interval(Duration::from_secs(1)),
-                ..os.log.clone()
-            },
-            ..os.clone()
-        };
+        let interval = flushing(FlushPolicy::Interval(Duration::from_secs(1)));
         assert!(runs_inline(&small(), &l, &interval));
         // An fsync per round waits on the disk.
-        let every = TopicConfig {
-            log: LogConfig {
-                flush: FlushPolicy::EveryBatch,
-                ..os.log.clone()
-            },
-            ..os.clone()
-        };
-        assert!(!runs_inline(&small(), &l, &every));
+        assert!(!runs_inline(
+            &small(),
+            &l,
+            &flushing(FlushPolicy::EveryBatch)
+        ));
         // Too many bytes together.
         let big = Work::Commands(vec![append(200 << 10), append(100 << 10)]);
         assert!(!runs_inline(&big, &l, &os));
