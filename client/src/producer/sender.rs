@@ -1,14 +1,16 @@
 //! Sending ready batches to partition leaders. A dispatcher routes each batch to the
 //! broker that leads its partition (learned from NOT_LEADER answers, which name the
-//! leader); one task per broker owns that broker's produce stream, matches answers by
-//! correlation id, and retries what failed for a retriable reason.
+//! leader) and puts it on that broker's produce stream itself; one task per broker
+//! opens the stream, matches its answers by correlation id, and retries what failed
+//! for a retriable reason.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use bytes::Bytes;
+use h2::SendStream;
 use sluice_proto::v1::{produce_stream_response, Acks as WireAcks, ProduceRequest};
 use sluice_proto::ErrorReason;
 use tokio::sync::mpsc;
@@ -72,133 +74,35 @@ fn resend(acc: &Accumulator, config: &ProducerConfig, batch: ReadyBatch, err: Cl
     }
 }
 
-/// What a broker's task tells the dispatcher.
-enum Event {
-    /// The broker does not lead the batch's partition (nothing was written); `to` is
-    /// the leader it named, if any.
-    Redirect {
-        batch: ReadyBatch,
-        to: Option<String>,
-        err: ClientError,
-    },
-    /// The broker could not be reached or its stream broke; its task has ended.
-    Down { addr: String },
+/// Batches sent on one stream and not answered yet, by correlation id. Shared by the
+/// dispatcher, which puts each batch here before sending it, and the stream's task,
+/// which takes it out when its answer comes: whichever takes a batch out owns it, so a
+/// batch whose send fails as the stream breaks is handled once, by one of them.
+#[derive(Default)]
+struct Unanswered {
+    /// False once the stream's task has given up on the stream; nothing is put here then.
+    open: bool,
+    batches: HashMap<u64, ReadyBatch>,
 }
 
-/// Where batches go: partition leaders, and one task per broker.
-struct Router {
-    routes: Routes,
-    conns: HashMap<String, mpsc::Sender<ReadyBatch>>,
+type Pending = Arc<Mutex<Unanswered>>;
+
+fn lock(p: &Mutex<Unanswered>) -> MutexGuard<'_, Unanswered> {
+    // Nothing here can be left half-changed by a panic.
+    p.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Router {
-    fn down(&mut self, addr: &str) {
-        self.conns.remove(addr);
-        self.routes.down(addr);
-    }
-}
-
-async fn dispatch(
-    first_addr: String,
-    first: Channel,
-    acc: Arc<Accumulator>,
-    config: ProducerConfig,
-) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let mut router = Router {
-        routes: Routes::new(&config.brokers, first_addr, first),
-        conns: HashMap::new(),
-    };
-    loop {
-        if Arc::strong_count(&acc) == 1 && acc.outstanding() == 0 {
-            // Dropping the routes' senders ends every broker task.
-            return;
-        }
-        let room = config
-            .max_in_flight
-            .saturating_sub(in_flight.load(Ordering::Acquire));
-        let (ready, next_wake) = acc.take_ready(room);
-        for b in ready {
-            let addr = router
-                .routes
-                .address(&(b.topic.to_string(), b.partition))
-                .to_string();
-            let tx = match router.conns.get(&addr) {
-                Some(tx) => tx.clone(),
-                None => match router.routes.channel(&addr) {
-                    Ok(channel) => {
-                        let (tx, rx) = mpsc::channel(config.max_in_flight.max(16));
-                        tokio::spawn(broker_task(BrokerTask {
-                            addr: addr.clone(),
-                            channel,
-                            rx,
-                            acc: Arc::clone(&acc),
-                            config: config.clone(),
-                            events: events_tx.clone(),
-                            in_flight: Arc::clone(&in_flight),
-                        }));
-                        router.conns.insert(addr.clone(), tx.clone());
-                        tx
-                    }
-                    Err(e) => {
-                        router.down(&addr);
-                        resend(&acc, &config, b, e);
-                        continue;
-                    }
-                },
-            };
-            in_flight.fetch_add(1, Ordering::AcqRel);
-            if let Err(mpsc::error::SendError(b)) = tx.send(b).await {
-                // That broker's task ended meanwhile: never sent, send it again.
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                router.down(&addr);
-                acc.requeue(b, Duration::ZERO);
-            }
-        }
-        let wait = next_wake.map_or(Duration::from_millis(200), |t| {
-            t.saturating_duration_since(tokio::time::Instant::now())
-        });
-        if wait.is_zero() {
-            // Due already: a timer would round up to the next millisecond.
-            tokio::task::yield_now().await;
-            continue;
-        }
-        let sleep = tokio::time::sleep(wait);
-        tokio::select! {
-            _ = acc.wake.notified() => {}
-            _ = sleep => {}
-            Some(ev) = events.recv() => match ev {
-                Event::Redirect { batch, to, err } => {
-                    let key = (batch.topic.to_string(), batch.partition);
-                    if batch.created.elapsed() >= config.delivery_timeout {
-                        acc.complete(batch, Err(err));
-                        continue;
-                    }
-                    // A redirect is not a retry: the batch was not written anywhere.
-                    // Without a leader named (an election is running), wait a little,
-                    // then ask whichever broker is the default.
-                    let wait = if to.is_some() { Duration::ZERO } else { config.retry_backoff };
-                    router.routes.learn(key, to.as_deref());
-                    acc.requeue(batch, wait);
-                }
-                Event::Down { addr } => router.down(&addr),
-            },
-        }
-    }
-}
-
-struct BrokerTask {
-    addr: String,
-    channel: Channel,
-    rx: mpsc::Receiver<ReadyBatch>,
+/// What the producer's tasks share.
+struct Shared {
     acc: Arc<Accumulator>,
     config: ProducerConfig,
     events: mpsc::UnboundedSender<Event>,
-    in_flight: Arc<AtomicUsize>,
+    /// Batches handed to a broker's stream (or waiting for it to open) and not answered.
+    in_flight: AtomicUsize,
+    timeout_ms: u32,
 }
 
-impl BrokerTask {
+impl Shared {
     fn done(&self) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         // The dispatcher may be waiting for room.
@@ -216,123 +120,331 @@ impl BrokerTask {
     }
 }
 
-/// Owns one broker's produce stream until the dispatcher drops its sender or the
-/// stream breaks.
-async fn broker_task(mut t: BrokerTask) {
-    let timeout_ms = t
-        .config
-        .request_timeout
-        .as_millis()
-        .min(u128::from(u32::MAX)) as u32;
-    let (req_tx, req_rx) = mpsc::channel(t.config.max_in_flight.max(16));
-    let mut responses = match super::wire::produce_stream(t.channel.clone(), req_rx).await {
-        Ok(r) => r,
-        Err(status) => {
-            let err = ClientError::from(status);
-            tracing::warn!(broker = %t.addr, error = %err, "cannot open the produce stream");
-            let _ = t.events.send(Event::Down {
-                addr: t.addr.clone(),
-            });
-            // Nothing was sent: these go back to be routed again, after a pause.
-            t.rx.close();
-            while let Some(b) = t.rx.recv().await {
-                t.done();
-                resend(&t.acc, &t.config, b, err.clone());
+/// What a broker's task tells the dispatcher. `link` tells a link from an earlier one
+/// to the same broker, whose news is stale.
+enum Event {
+    /// The stream is open: batches go straight onto it from now on.
+    Opened { addr: String, link: OpenLink },
+    /// The stream could not be opened; nothing was sent on it.
+    OpenFailed {
+        addr: String,
+        link: u64,
+        err: ClientError,
+    },
+    /// The broker does not lead the batch's partition (nothing was written); `to` is
+    /// the leader it named, if any.
+    Redirect {
+        batch: ReadyBatch,
+        to: Option<String>,
+        err: ClientError,
+    },
+    /// The stream broke or ended; its task has settled every batch it held.
+    Down { addr: String, link: u64 },
+}
+
+/// The sending half of an open produce stream.
+struct OpenLink {
+    id: u64,
+    send: SendStream<Bytes>,
+    pending: Pending,
+    next_correlation: u64,
+}
+
+impl Drop for OpenLink {
+    fn drop(&mut self) {
+        // Ends the request stream, so the broker answers what it has and then ends its
+        // side, and the stream's task ends once every answer is in.
+        let _ = self.send.send_data(Bytes::new(), true);
+    }
+}
+
+impl OpenLink {
+    /// Puts `b` on the stream; gives it back if the stream is gone (then it was not
+    /// sent, or not whole, so the broker cannot have written it).
+    fn send(&mut self, shared: &Shared, b: ReadyBatch) -> Result<(), ReadyBatch> {
+        self.next_correlation += 1;
+        let id = self.next_correlation;
+        let req = ProduceRequest {
+            topic: b.topic.to_string(),
+            partition: b.partition as i32,
+            records: b.bytes.clone(),
+            acks: wire_acks(shared.config.acks),
+            timeout_ms: shared.timeout_ms,
+        };
+        let chunks = match super::wire::message_chunks(id, req) {
+            Ok(chunks) => chunks,
+            Err(status) => {
+                shared.done();
+                shared.acc.complete(b, Err(ClientError::from(status)));
+                return Ok(());
             }
-            return;
+        };
+        if shared.config.acks == Acks::None {
+            if super::wire::send_message(&mut self.send, chunks).is_err() {
+                return Err(b);
+            }
+            shared.done();
+            let acked = Acked {
+                base_offset: None,
+                log_append_time: -1,
+            };
+            shared.acc.complete(b, Ok(acked));
+            return Ok(());
         }
+        {
+            let mut pending = lock(&self.pending);
+            if !pending.open {
+                return Err(b);
+            }
+            pending.batches.insert(id, b);
+        }
+        if super::wire::send_message(&mut self.send, chunks).is_err() {
+            // Unless the stream's task has taken it to settle, it is ours to send again.
+            if let Some(b) = lock(&self.pending).batches.remove(&id) {
+                return Err(b);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One broker's stream, as the dispatcher sees it.
+enum Link {
+    /// Being opened; these wait for it.
+    Opening {
+        id: u64,
+        queued: Vec<ReadyBatch>,
+    },
+    Open(OpenLink),
+}
+
+impl Link {
+    fn id(&self) -> u64 {
+        match self {
+            Link::Opening { id, .. } | Link::Open(OpenLink { id, .. }) => *id,
+        }
+    }
+}
+
+/// Where batches go: partition leaders, and one link per broker.
+struct Router {
+    routes: Routes,
+    links: HashMap<String, Link>,
+    next_link: u64,
+}
+
+impl Router {
+    /// Forgets the link to `addr` if it is still `link`.
+    fn down(&mut self, addr: &str, link: u64) -> Option<Link> {
+        if self.links.get(addr).map(Link::id) != Some(link) {
+            return None;
+        }
+        self.routes.down(addr);
+        self.links.remove(addr)
+    }
+
+    /// Sends `b` to `addr`, opening a stream to it first if there is none.
+    fn send(&mut self, shared: &Arc<Shared>, addr: String, b: ReadyBatch) {
+        match self.links.get_mut(&addr) {
+            Some(Link::Open(link)) => {
+                if let Err(b) = link.send(shared, b) {
+                    // That stream broke meanwhile: never sent, send it again.
+                    shared.done();
+                    let id = link.id;
+                    self.down(&addr, id);
+                    shared.acc.requeue(b, Duration::ZERO);
+                }
+            }
+            Some(Link::Opening { queued, .. }) => queued.push(b),
+            None => {
+                self.next_link += 1;
+                let id = self.next_link;
+                tokio::spawn(stream_task(Arc::clone(shared), addr.clone(), id));
+                self.links.insert(
+                    addr,
+                    Link::Opening {
+                        id,
+                        queued: vec![b],
+                    },
+                );
+            }
+        }
+    }
+}
+
+async fn dispatch(
+    first_addr: String,
+    first: Channel,
+    acc: Arc<Accumulator>,
+    config: ProducerConfig,
+) {
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let timeout_ms = config.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    let mut router = Router {
+        routes: Routes::new(&config.brokers, first_addr, first),
+        links: HashMap::new(),
+        next_link: 0,
     };
-    let mut next_id: u64 = 0;
-    let mut in_flight: HashMap<u64, ReadyBatch> = HashMap::new();
-    let mut open = true;
+    let shared = Arc::new(Shared {
+        acc,
+        config,
+        events: events_tx,
+        in_flight: AtomicUsize::new(0),
+        timeout_ms,
+    });
+    let (acc, config) = (&shared.acc, &shared.config);
     loop {
-        if !open && in_flight.is_empty() {
+        if Arc::strong_count(acc) == 1 && acc.outstanding() == 0 {
+            // Dropping the links ends every stream, and then its task.
             return;
         }
+        let room = config
+            .max_in_flight
+            .saturating_sub(shared.in_flight.load(Ordering::Acquire));
+        let (ready, next_wake) = acc.take_ready(room);
+        for b in ready {
+            let addr = router
+                .routes
+                .address(&(b.topic.to_string(), b.partition))
+                .to_string();
+            shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            router.send(&shared, addr, b);
+        }
+        let wait = next_wake.map_or(Duration::from_millis(200), |t| {
+            t.saturating_duration_since(tokio::time::Instant::now())
+        });
+        if wait.is_zero() {
+            // Due already: a timer would round up to the next millisecond.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let sleep = tokio::time::sleep(wait);
         tokio::select! {
-            b = t.rx.recv(), if open => match b {
-                Some(b) => {
-                    next_id += 1;
-                    let req = ProduceRequest {
-                        topic: b.topic.to_string(),
-                        partition: b.partition as i32,
-                        records: b.bytes.clone(),
-                        acks: wire_acks(t.config.acks),
-                        timeout_ms,
+            _ = acc.wake.notified() => {}
+            _ = sleep => {}
+            Some(ev) = events.recv() => match ev {
+                Event::Opened { addr, link } => {
+                    let current = matches!(
+                        router.links.get(&addr),
+                        Some(Link::Opening { id, .. }) if *id == link.id
+                    );
+                    if !current {
+                        // A stale link: dropping it ends its stream.
+                        continue;
+                    }
+                    let queued = match router.links.insert(addr.clone(), Link::Open(link)) {
+                        Some(Link::Opening { queued, .. }) => queued,
+                        _ => Vec::new(),
                     };
-                    if req_tx.send((next_id, req)).await.is_err() {
-                        in_flight.insert(next_id, b);
-                        break;
-                    }
-                    if t.config.acks == Acks::None {
-                        t.done();
-                        t.acc.complete(
-                            b,
-                            Ok(Acked {
-                                base_offset: None,
-                                log_append_time: -1,
-                            }),
-                        );
-                    } else {
-                        in_flight.insert(next_id, b);
+                    for b in queued {
+                        router.send(&shared, addr.clone(), b);
                     }
                 }
-                None => open = false,
-            },
-            msg = responses.next(), if !in_flight.is_empty() => match msg {
-                Some(Ok(resp)) => {
-                    let Some(batch) = in_flight.remove(&resp.correlation_id) else { continue };
-                    match resp.result {
-                        Some(produce_stream_response::Result::Response(r)) => {
-                            t.done();
-                            t.acc.complete(
-                                batch,
-                                Ok(Acked {
-                                    base_offset: u64::try_from(r.base_offset).ok(),
-                                    log_append_time: r.log_append_time,
-                                }),
-                            );
-                        }
-                        Some(produce_stream_response::Result::Error(e)) => {
-                            t.answer(batch, ClientError::from(&e));
-                        }
-                        None => {
-                            t.done();
-                            t.acc.complete(
-                                batch,
-                                Err(ClientError::Batch("empty produce answer".into())),
-                            );
+                Event::OpenFailed { addr, link, err } => {
+                    if let Some(Link::Opening { queued, .. }) = router.down(&addr, link) {
+                        // Nothing was sent: these go back to be routed again, after a pause.
+                        for b in queued {
+                            shared.done();
+                            resend(acc, config, b, err.clone());
                         }
                     }
                 }
-                Some(Err(status)) => {
-                    tracing::warn!(broker = %t.addr, error = %status, "produce stream failed");
-                    break;
+                Event::Redirect { batch, to, err } => {
+                    let key = (batch.topic.to_string(), batch.partition);
+                    if batch.created.elapsed() >= config.delivery_timeout {
+                        acc.complete(batch, Err(err));
+                        continue;
+                    }
+                    // A redirect is not a retry: the batch was not written anywhere.
+                    // Without a leader named (an election is running), wait a little,
+                    // then ask whichever broker is the default.
+                    let wait = if to.is_some() { Duration::ZERO } else { config.retry_backoff };
+                    router.routes.learn(key, to.as_deref());
+                    acc.requeue(batch, wait);
                 }
-                None => break,
+                Event::Down { addr, link } => {
+                    router.down(&addr, link);
+                }
             },
         }
     }
+}
+
+/// Opens one broker's produce stream, hands its sending half to the dispatcher, and
+/// settles every answer until the stream ends.
+async fn stream_task(shared: Arc<Shared>, addr: String, link: u64) {
+    let (send, mut answers) = match super::wire::open(&addr).await {
+        Ok(opened) => opened,
+        Err(status) => {
+            let err = ClientError::from(status);
+            tracing::warn!(broker = %addr, error = %err, "cannot open the produce stream");
+            let _ = shared.events.send(Event::OpenFailed { addr, link, err });
+            return;
+        }
+    };
+    let pending: Pending = Arc::new(Mutex::new(Unanswered {
+        open: true,
+        batches: HashMap::new(),
+    }));
+    let opened = Event::Opened {
+        addr: addr.clone(),
+        link: OpenLink {
+            id: link,
+            send,
+            pending: Arc::clone(&pending),
+            next_correlation: 0,
+        },
+    };
+    // If the dispatcher is gone the link is dropped with the event, ending the stream.
+    let _ = shared.events.send(opened);
+    loop {
+        match answers.next().await {
+            Some(Ok(resp)) => {
+                let Some(batch) = lock(&pending).batches.remove(&resp.correlation_id) else {
+                    continue;
+                };
+                match resp.result {
+                    Some(produce_stream_response::Result::Response(r)) => {
+                        shared.done();
+                        let acked = Acked {
+                            base_offset: u64::try_from(r.base_offset).ok(),
+                            log_append_time: r.log_append_time,
+                        };
+                        shared.acc.complete(batch, Ok(acked));
+                    }
+                    Some(produce_stream_response::Result::Error(e)) => {
+                        shared.answer(batch, ClientError::from(&e));
+                    }
+                    None => {
+                        shared.done();
+                        let err = ClientError::Batch("empty produce answer".into());
+                        shared.acc.complete(batch, Err(err));
+                    }
+                }
+            }
+            Some(Err(status)) => {
+                tracing::warn!(broker = %addr, error = %status, "produce stream failed");
+                break;
+            }
+            None => break,
+        }
+    }
     // The stream is gone: whatever was in flight may or may not have been written.
-    let _ = t.events.send(Event::Down {
-        addr: t.addr.clone(),
+    let unanswered: Vec<ReadyBatch> = {
+        let mut pending = lock(&pending);
+        pending.open = false;
+        pending.batches.drain().map(|(_, b)| b).collect()
+    };
+    let _ = shared.events.send(Event::Down {
+        addr: addr.clone(),
+        link,
     });
-    for (_, b) in in_flight.drain() {
+    for b in unanswered {
         let err = ClientError::Rpc {
             code: tonic::Code::Unavailable,
             message: "produce stream closed before the answer".into(),
         };
-        t.done();
-        retry_or_fail(&t.acc, &t.config, b, err);
-    }
-    t.rx.close();
-    while let Some(b) = t.rx.recv().await {
-        // Queued here but never sent.
-        t.done();
-        let err = ClientError::Rpc {
-            code: tonic::Code::Unavailable,
-            message: format!("broker {} unreachable", t.addr),
-        };
-        resend(&t.acc, &t.config, b, err);
+        shared.done();
+        retry_or_fail(&shared.acc, &shared.config, b, err);
     }
 }

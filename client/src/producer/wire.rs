@@ -1,33 +1,42 @@
-//! The produce stream's request body, written without copying the batches.
+//! One broker's produce stream, on an HTTP/2 connection of its own.
 //!
-//! tonic's encoder writes each message whole into one buffer, so every batch would be
-//! copied once more on its way to the socket. Here a message goes out as two HTTP/2
-//! data chunks (`sluice_proto::wire::Pieces`): its gRPC prefix with every field but the
-//! batch, and then the batch's own `Bytes`, which the HTTP/2 layer hands to a vectored
+//! The stream is driven straight through `h2` rather than through tonic's channel: there
+//! a request body is polled by a task of its own that hands each message to the
+//! connection's task, so every batch cost two task wake-ups before reaching the socket,
+//! and each is a thread wake-up when the tasks sit on different threads. Here the
+//! producer's dispatcher puts a message's chunks into the stream itself, and only the
+//! connection's task stands between it and the socket. The batch is not copied: a
+//! message goes out as its gRPC prefix with every field but the batch, and then the
+//! batch's own `Bytes` (`sluice_proto::wire::Pieces`), which h2 hands to a vectored
 //! socket write as it is.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
+use h2::client::SendRequest;
+use h2::{Ping, RecvStream, SendStream};
 use prost::Message;
 use sluice_proto::v1::produce_service_server::SERVICE_NAME;
 use sluice_proto::v1::{ProduceRequest, ProduceStreamRequest, ProduceStreamResponse};
 use sluice_proto::wire::{bytes_field_len, field_overhead, Pieces};
-use tokio::sync::mpsc;
-use tonic::codec::Streaming;
-use tonic::codegen::{http, Body as HttpBody, Service};
-use tonic::transport::Channel;
+use tokio::net::TcpStream;
 use tonic::Status;
-use tonic_prost::ProstDecoder;
 
-use crate::connection::MAX_MESSAGE_BYTES;
+use crate::connection::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
 
 /// `ProduceStreamRequest.request`'s field number.
 const REQUEST_FIELD: u32 = 2;
 /// `ProduceRequest.records`'s field number.
 const RECORDS_FIELD: u32 = 3;
+/// How long connecting may take, as for the client's other channels.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A broker that sends nothing for this long is pinged...
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and the connection is dropped if the ping is not answered within this.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The gRPC message prefix: a compressed flag and a 4-byte length.
+const PREFIX: usize = 5;
 
 /// One stream item, `ProduceStreamRequest { correlation_id, request: inner }`, as gRPC's
 /// wire form in chunks: everything up to the batch, then the batch by reference (the
@@ -51,82 +60,206 @@ pub(crate) fn message_chunks(
     Ok(out.into_chunks())
 }
 
-/// The request body: each `(correlation id, request)` from `rx`, as [`message_chunks`]
-/// cuts it.
-struct RequestBody {
-    rx: mpsc::Receiver<(u64, ProduceRequest)>,
-    /// The rest of the message being sent.
-    pending: VecDeque<Bytes>,
+/// The `host:port` of a broker address given as `host:port` or `http://host:port`.
+fn authority(addr: &str) -> Result<String, Status> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let uri: http::Uri = uri
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("broker address {addr}: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(Status::invalid_argument(format!(
+            "broker address {addr}: only http:// is supported"
+        )));
+    }
+    uri.authority()
+        .map(|a| a.to_string())
+        .ok_or_else(|| Status::invalid_argument(format!("broker address {addr}: no host")))
 }
 
-impl HttpBody for RequestBody {
-    type Data = Bytes;
-    type Error = Status;
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("{what}: {e}"))
+}
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        if self.pending.is_empty() {
-            match self.rx.poll_recv(cx) {
-                // A message too large fails the stream, as tonic's encoder does.
-                Poll::Ready(Some((id, req))) => match message_chunks(id, req) {
-                    Ok(chunks) => self.pending = chunks,
-                    Err(status) => return Poll::Ready(Some(Err(status))),
-                },
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+/// Opens `ProduceService/ProduceStream` on a new connection to `addr`, and returns its
+/// sending half and its answers once the broker has accepted the call.
+pub(crate) async fn open(addr: &str) -> Result<(SendStream<Bytes>, Answers), Status> {
+    let authority = authority(addr)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
+        .await
+        .map_err(|_| Status::unavailable(format!("{addr}: connecting timed out")))?
+        .map_err(|e| unavailable(addr, e))?;
+    tcp.set_nodelay(true).map_err(|e| unavailable(addr, e))?;
+    // The same windows and frame size as the client's tonic channels.
+    let (client, mut connection) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .map_err(|e| unavailable(addr, e))?;
+    let mut ping = connection.ping_pong();
+    let broker = addr.to_string();
+    tokio::spawn(async move {
+        let keep_alive = async {
+            loop {
+                tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+                let pong = match ping.as_mut() {
+                    Some(p) => tokio::time::timeout(KEEP_ALIVE_TIMEOUT, p.ping(Ping::opaque())),
+                    None => return std::future::pending().await,
+                };
+                if !matches!(pong.await, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        };
+        // Dropping the connection ends its streams with an error, which their
+        // readers see.
+        tokio::select! {
+            end = &mut connection => if let Err(e) = end {
+                tracing::debug!(broker = %broker, error = %e, "produce connection ended");
+            },
+            () = keep_alive => {
+                tracing::warn!(broker = %broker, "the broker did not answer a ping; dropping the connection");
             }
         }
-        Poll::Ready(
-            self.pending
-                .pop_front()
-                .map(|c| Ok(http_body::Frame::data(c))),
-        )
-    }
-}
-
-/// Opens `ProduceService/ProduceStream` on `channel`, sending what `rx` yields.
-pub(crate) async fn produce_stream(
-    mut channel: Channel,
-    rx: mpsc::Receiver<(u64, ProduceRequest)>,
-) -> Result<Streaming<ProduceStreamResponse>, Status> {
-    let body = tonic::body::Body::new(RequestBody {
-        rx,
-        pending: VecDeque::new(),
     });
-    let request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(format!("/{SERVICE_NAME}/ProduceStream"))
-        .header(http::header::TE, "trailers")
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .body(body)
-        .map_err(|e| Status::internal(format!("cannot build the produce request: {e}")))?;
-    std::future::poll_fn(|cx| channel.poll_ready(cx))
-        .await
-        .map_err(|e| Status::from_error(Box::new(e)))?;
-    let response = channel
-        .call(request)
-        .await
-        .map_err(|e| Status::from_error(Box::new(e)))?;
-    // A failure before any answer comes as a response of headers only.
+    let (response, send) = start(client, &authority).await?;
+    let response = response.await.map_err(|e| unavailable(addr, e))?;
+    // A failure before any answer (a refused call) comes as headers only.
     if let Some(status) = Status::from_header_map(response.headers()) {
         if status.code() != tonic::Code::Ok {
             return Err(status);
         }
-        return Ok(Streaming::new_empty(
-            ProstDecoder::<ProduceStreamResponse>::default(),
-            response.into_body(),
+    }
+    if response.status() != http::StatusCode::OK {
+        return Err(Status::unknown(format!(
+            "{addr}: the produce call was answered with HTTP {}",
+            response.status()
+        )));
+    }
+    Ok((
+        send,
+        Answers {
+            recv: response.into_body(),
+            buf: BytesMut::new(),
+        },
+    ))
+}
+
+/// Sends the call's headers.
+async fn start(
+    client: SendRequest<Bytes>,
+    authority: &str,
+) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), Status> {
+    let mut client = client
+        .ready()
+        .await
+        .map_err(|e| unavailable(authority, e))?;
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("http://{authority}/{SERVICE_NAME}/ProduceStream"))
+        .header(http::header::TE, "trailers")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(())
+        .map_err(|e| Status::internal(format!("cannot build the produce request: {e}")))?;
+    client
+        .send_request(request, false)
+        .map_err(|e| unavailable(authority, e))
+}
+
+/// Puts one message's chunks on the stream; an error means the stream is gone.
+pub(crate) fn send_message(
+    send: &mut SendStream<Bytes>,
+    chunks: VecDeque<Bytes>,
+) -> Result<(), h2::Error> {
+    for chunk in chunks {
+        send.send_data(chunk, false)?;
+    }
+    Ok(())
+}
+
+/// The broker's answers on a produce stream.
+pub(crate) struct Answers {
+    recv: RecvStream,
+    /// Bytes received and not yet cut into messages.
+    buf: BytesMut,
+}
+
+impl Answers {
+    /// The next answer; `None` once the broker ended the stream with an OK status.
+    pub(crate) async fn next(&mut self) -> Option<Result<ProduceStreamResponse, Status>> {
+        loop {
+            match take_answer(&mut self.buf) {
+                Ok(Some(m)) => return Some(Ok(m)),
+                Ok(None) => {}
+                Err(status) => return Some(Err(status)),
+            }
+            match self.recv.data().await {
+                Some(Ok(chunk)) => {
+                    // The window opens again as soon as the bytes are ours.
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Some(Err(unavailable("produce stream", e))),
+                None => return self.ended().await,
+            }
+        }
+    }
+
+    /// The stream's end: its trailers say how the call ended.
+    async fn ended(&mut self) -> Option<Result<ProduceStreamResponse, Status>> {
+        if !self.buf.is_empty() {
+            return Some(Err(Status::internal(format!(
+                "the produce stream ended inside an answer ({} bytes left over)",
+                self.buf.len()
+            ))));
+        }
+        match self.recv.trailers().await {
+            Ok(Some(trailers)) => match Status::from_header_map(&trailers) {
+                Some(status) if status.code() != tonic::Code::Ok => Some(Err(status)),
+                Some(_) => None,
+                None => Some(Err(Status::internal(
+                    "the produce stream ended without a grpc-status",
+                ))),
+            },
+            Ok(None) => Some(Err(Status::internal(
+                "the produce stream ended without trailers",
+            ))),
+            Err(e) => Some(Err(unavailable("produce stream", e))),
+        }
+    }
+}
+
+/// Cuts one whole answer off the front of `buf`, if `buf` holds one.
+fn take_answer(buf: &mut BytesMut) -> Result<Option<ProduceStreamResponse>, Status> {
+    if buf.len() < PREFIX {
+        return Ok(None);
+    }
+    if buf[0] != 0 {
+        return Err(Status::internal(
+            "the broker sent a compressed answer, which was not asked for",
         ));
     }
-    let code = response.status();
-    Ok(Streaming::new_response(
-        ProstDecoder::<ProduceStreamResponse>::default(),
-        response.into_body(),
-        code,
-        None,
-        Some(MAX_MESSAGE_BYTES),
-    ))
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(Status::out_of_range(format!(
+            "an answer of {len} bytes; the limit is {MAX_MESSAGE_BYTES} bytes"
+        )));
+    }
+    if buf.len() < PREFIX + len {
+        buf.reserve(PREFIX + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(PREFIX);
+    let message = buf.split_to(len);
+    ProduceStreamResponse::decode(message.freeze())
+        .map(Some)
+        .map_err(|e| Status::internal(format!("an undecodable answer: {e}")))
 }
 
 #[cfg(test)]
@@ -165,5 +298,69 @@ mod tests {
             };
             assert_eq!(back, want);
         }
+    }
+
+    fn framed(m: &ProduceStreamResponse) -> Vec<u8> {
+        let body = m.encode_to_vec();
+        let mut out = vec![0];
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn answers_are_cut_whole_however_the_bytes_arrive() {
+        use sluice_proto::v1::{produce_stream_response, ProduceResponse};
+        let answers: Vec<ProduceStreamResponse> = (0..3u64)
+            .map(|i| ProduceStreamResponse {
+                correlation_id: i + 1,
+                result: Some(produce_stream_response::Result::Response(ProduceResponse {
+                    base_offset: (i * 10) as i64,
+                    log_append_time: -1,
+                    ..ProduceResponse::default()
+                })),
+            })
+            .collect();
+        let wire: Vec<u8> = answers.iter().flat_map(framed).collect();
+        for cut in 1..=wire.len() {
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(cut) {
+                buf.extend_from_slice(piece);
+                while let Some(m) = take_answer(&mut buf).expect("well formed") {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, answers, "pieces of {cut} bytes");
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn compressed_oversized_and_undecodable_answers_are_errors() {
+        let mut compressed = BytesMut::from(&[1u8, 0, 0, 0, 0][..]);
+        let code = take_answer(&mut compressed).err().map(|s| s.code());
+        assert_eq!(code, Some(tonic::Code::Internal));
+        let mut huge = BytesMut::from(&[0u8, 0xff, 0xff, 0xff, 0xff][..]);
+        let code = take_answer(&mut huge).err().map(|s| s.code());
+        assert_eq!(code, Some(tonic::Code::OutOfRange));
+        // Field 1 as a varint that never ends.
+        let mut garbage = BytesMut::from(&[0u8, 0, 0, 0, 2, 0x08, 0xff][..]);
+        let code = take_answer(&mut garbage).err().map(|s| s.code());
+        assert_eq!(code, Some(tonic::Code::Internal));
+    }
+
+    #[test]
+    fn broker_addresses_name_a_host_and_port() {
+        assert_eq!(
+            authority("127.0.0.1:9292").ok(),
+            Some("127.0.0.1:9292".into())
+        );
+        assert_eq!(
+            authority("http://localhost:9292").ok(),
+            Some("localhost:9292".into())
+        );
+        let refused = authority("https://localhost:9292").err().map(|s| s.code());
+        assert_eq!(refused, Some(tonic::Code::InvalidArgument));
     }
 }
