@@ -664,3 +664,83 @@ async fn send_many_keeps_order_and_fails_only_the_records_it_cannot_place() {
     assert_eq!(got, expected);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_callbacks_run_once_each_with_their_record_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("called", 1))
+        .await
+        .expect("create");
+    let producer = Producer::connect(ProducerConfig {
+        acks: Acks::Leader,
+        linger: Duration::ZERO,
+        batch_size: 2048,
+        ..producer_config(&addr)
+    })
+    .await
+    .expect("producer");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = 2000u64;
+    let ghost = 1000;
+    let mut late = Vec::new();
+    let records = (0..n).map(|i| {
+        let topic = if i == ghost { "ghost" } else { "called" };
+        ProducerRecord::new(topic, format!("value-{i}"))
+    });
+    // A record that cannot be queued gets a future holding its error, so the
+    // unknown topic's callback runs too.
+    let deliveries = producer.send_many(records).await;
+    for (i, d) in (0..n).zip(deliveries) {
+        if i % 2 == 0 {
+            let tx = tx.clone();
+            d.on_delivery(move |outcome| {
+                let _ = tx.send((i, outcome));
+            });
+        } else {
+            late.push((i, d));
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(30), producer.flush())
+        .await
+        .expect("flushed in time")
+        .expect("flush");
+    // Outcomes known already: these callbacks run at once.
+    for (i, d) in late {
+        let tx = tx.clone();
+        d.on_delivery(move |outcome| {
+            let _ = tx.send((i, outcome));
+        });
+    }
+    drop(tx);
+    let mut outcomes = HashMap::new();
+    while let Some((i, outcome)) = rx.recv().await {
+        assert!(
+            outcomes.insert(i, outcome).is_none(),
+            "record {i} called back twice"
+        );
+    }
+    assert_eq!(outcomes.len(), n as usize, "every record called back");
+    for (i, outcome) in outcomes {
+        if i == ghost {
+            expect_reason(
+                outcome.expect_err("no such topic"),
+                ErrorReason::UnknownTopicOrPartition,
+                Code::NotFound,
+            );
+            continue;
+        }
+        // Offsets follow send order, one record short after the one that failed.
+        let want = if i < ghost { i } else { i - 1 };
+        let meta = outcome.expect("delivered");
+        assert_eq!(
+            (&*meta.topic, meta.offset),
+            ("called", Some(want)),
+            "record {i}"
+        );
+    }
+    broker.stop().await;
+}

@@ -19,7 +19,7 @@ mod wire;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -174,20 +174,58 @@ pub struct RecordMetadata {
     pub log_append_time: i64,
 }
 
+/// A record's callback, given its batch's outcome.
+type Callback = Box<dyn FnOnce(&BatchOutcome) + Send>;
+
 /// A batch's outcome, once known, shared by the futures of all its records: one
 /// allocation per batch, one reference count step per record.
-#[derive(Debug)]
 pub(crate) struct BatchSlot {
     topic: Arc<str>,
     outcome: OnceLock<BatchOutcome>,
     done: Notify,
+    /// Callbacks of records sent with [`DeliveryFuture::on_delivery`], run once the
+    /// outcome is set.
+    callbacks: Mutex<Vec<Callback>>,
+}
+
+impl std::fmt::Debug for BatchSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchSlot")
+            .field("topic", &self.topic)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BatchSlot {
-    /// Sets the outcome (the first one given stands) and wakes every waiting record.
+    /// Sets the outcome (the first one given stands), runs the callbacks waiting for it
+    /// and wakes every waiting record.
     fn finish(&self, outcome: BatchOutcome) {
         let _ = self.outcome.set(outcome);
+        // The outcome is set before the list is taken, and `on_delivery` looks at the
+        // outcome under the list's lock: each callback is either taken here or run by
+        // `on_delivery` itself, never both, never neither.
+        let callbacks = std::mem::take(&mut *lock_callbacks(&self.callbacks));
+        if let Some(outcome) = self.outcome.get() {
+            for callback in callbacks {
+                run_callback(callback, outcome);
+            }
+        }
         self.done.notify_waiters();
+    }
+}
+
+fn lock_callbacks(m: &Mutex<Vec<Callback>>) -> MutexGuard<'_, Vec<Callback>> {
+    // A panic cannot leave the list half-changed.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs a user's callback; a panic in it is logged, not let loose on the producer's
+/// task, whose other batches would be stranded.
+fn run_callback(callback: Callback, outcome: &BatchOutcome) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(outcome)));
+    if ran.is_err() {
+        tracing::error!("a delivery callback panicked");
     }
 }
 
@@ -202,6 +240,7 @@ impl SlotOwner {
             topic,
             outcome: OnceLock::new(),
             done: Notify::new(),
+            callbacks: Mutex::new(Vec::new()),
         }))
     }
 
@@ -264,15 +303,43 @@ impl DeliveryFuture {
     }
 
     fn metadata(&self, outcome: &BatchOutcome) -> Result<RecordMetadata> {
-        match outcome {
-            Ok(acked) => Ok(RecordMetadata {
-                topic: Arc::clone(&self.slot.topic),
-                partition: self.partition,
-                offset: acked.base_offset.map(|b| b + u64::from(self.index)),
-                log_append_time: acked.log_append_time,
-            }),
-            Err(e) => Err(e.clone()),
+        record_metadata(&self.slot.topic, self.partition, self.index, outcome)
+    }
+
+    /// Runs `callback` with the record's outcome instead of waiting for it, as Kafka's
+    /// send callback does: on the producer's own task, as soon as the broker's answer is
+    /// read (or now, if the outcome is known already). It holds up other answers while
+    /// it runs, so it should be short. Callbacks of one batch run in record order.
+    pub fn on_delivery(self, callback: impl FnOnce(Result<RecordMetadata>) + Send + 'static) {
+        let (topic, partition, index) = (Arc::clone(&self.slot.topic), self.partition, self.index);
+        let callback: Callback =
+            Box::new(move |outcome| callback(record_metadata(&topic, partition, index, outcome)));
+        let mut waiting = lock_callbacks(&self.slot.callbacks);
+        match self.slot.outcome.get() {
+            Some(outcome) => {
+                drop(waiting);
+                run_callback(callback, outcome);
+            }
+            None => waiting.push(callback),
         }
+    }
+}
+
+/// Record `index` of a batch of `partition`, given the batch's outcome.
+fn record_metadata(
+    topic: &Arc<str>,
+    partition: u32,
+    index: u32,
+    outcome: &BatchOutcome,
+) -> Result<RecordMetadata> {
+    match outcome {
+        Ok(acked) => Ok(RecordMetadata {
+            topic: Arc::clone(topic),
+            partition,
+            offset: acked.base_offset.map(|b| b + u64::from(index)),
+            log_append_time: acked.log_append_time,
+        }),
+        Err(e) => Err(e.clone()),
     }
 }
 
@@ -433,5 +500,107 @@ impl Producer {
     /// Forgets cached partition counts (after a topic gained partitions).
     pub fn refresh_metadata(&self) {
         self.accumulator.forget_partition_counts();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accumulator::Acked;
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn futures(owner: &SlotOwner, n: u32) -> Vec<DeliveryFuture> {
+        (0..n)
+            .map(|index| DeliveryFuture {
+                partition: 3,
+                index,
+                slot: owner.share(),
+            })
+            .collect()
+    }
+
+    fn acked(base: u64) -> BatchOutcome {
+        Ok(Acked {
+            base_offset: Some(base),
+            log_append_time: -1,
+        })
+    }
+
+    #[test]
+    fn each_callback_runs_once_whether_it_comes_before_or_after_the_outcome() {
+        for _ in 0..200 {
+            let owner = SlotOwner::new("t".into());
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let batch = futures(&owner, 64);
+            let registering = {
+                let seen = Arc::clone(&seen);
+                std::thread::spawn(move || {
+                    for d in batch {
+                        let seen = Arc::clone(&seen);
+                        d.on_delivery(move |outcome| {
+                            let meta = outcome.expect("acknowledged");
+                            assert_eq!(meta.partition, 3);
+                            lock_vec(&seen).push(meta.offset);
+                        });
+                    }
+                })
+            };
+            // Races the registrations: some callbacks are waiting, some come after.
+            owner.finish(acked(100));
+            registering.join().expect("no callback failed");
+            let mut offsets = lock_vec(&seen).clone();
+            offsets.sort_unstable();
+            assert_eq!(offsets, (100..164).map(Some).collect::<Vec<_>>());
+        }
+    }
+
+    fn lock_vec<T>(m: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[test]
+    fn a_panicking_callback_spares_the_others_and_the_futures() {
+        let owner = SlotOwner::new("t".into());
+        let mut batch = futures(&owner, 3);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let waiting = batch.pop().expect("three");
+        for (i, d) in batch.into_iter().enumerate() {
+            let ran = Arc::clone(&ran);
+            d.on_delivery(move |_| {
+                ran.fetch_add(1, Ordering::SeqCst);
+                assert!(i != 0, "the first callback panics");
+            });
+        }
+        owner.finish(acked(7));
+        assert_eq!(ran.load(Ordering::SeqCst), 2, "both callbacks ran");
+        let meta = waiting.into_future().now_or_never_for_test();
+        assert_eq!(meta.map(|m| m.offset).ok(), Some(Some(9)));
+    }
+
+    #[test]
+    fn callbacks_of_a_batch_dropped_unsent_get_closed() {
+        let owner = SlotOwner::new("t".into());
+        let (tx, rx) = std::sync::mpsc::channel();
+        for d in futures(&owner, 2) {
+            let tx = tx.clone();
+            d.on_delivery(move |outcome| {
+                let _ = tx.send(matches!(outcome, Err(ClientError::Closed)));
+            });
+        }
+        drop(owner);
+        let closed: Vec<bool> = rx.try_iter().collect();
+        assert_eq!(closed, vec![true, true]);
+    }
+
+    impl DeliveryWait {
+        /// The outcome of a record whose batch has one already.
+        fn now_or_never_for_test(mut self) -> Result<RecordMetadata> {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            match Pin::new(&mut self).poll(&mut cx) {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => Err(ClientError::Batch("still pending".into())),
+            }
+        }
     }
 }

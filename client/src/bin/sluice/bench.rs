@@ -1,6 +1,7 @@
 //! `sluice bench produce|consume`: load tools in the manner of Kafka's perf-test tools.
 
 use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -243,31 +244,22 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         let group = u64::from(args.send_many);
         let interval = (args.throughput > 0)
             .then(|| Duration::from_secs_f64(f64::from(args.producers) / args.throughput as f64));
+        // A paced run is timed by delivery callbacks, which run as each answer is read:
+        // handing every record's future to a waiting task instead cost a wake-up of that
+        // task per batch, on the two CPUs the broker shares.
+        let paced = Arc::new(Mutex::new(Tally::new(n, window, started, measure_from)));
         tasks.push(tokio::spawn(async move {
             // Futures reach the waiter in chunks: one channel message per record would
             // cost the load tool more than the producer.
             let chunk_len = 256;
             let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
-                // A sustained run's record count is only a cap: grow past this instead.
-                let mut lat = Vec::with_capacity(n.min(1 << 24) as usize);
-                let mut acked = 0u64;
-                let mut failed = 0u64;
-                let mut first_error = None;
-                let mut timeline = Timeline::new(window);
+                let mut tally = Tally::new(n, window, started, measure_from);
                 // Send times of records seen acknowledged and not yet timed. They are timed
                 // together, by one clock read taken after all of them were seen done, so
                 // none is timed before its acknowledgement; reading the clock for every
                 // record was a visible share of the tool's CPU.
                 let mut seen: Vec<Instant> = Vec::with_capacity(chunk_len);
-                let mut time_seen = |seen: &mut Vec<Instant>, lat: &mut Vec<u32>| {
-                    let now = Instant::now();
-                    for sent in seen.drain(..) {
-                        let micros = micros_of(now.saturating_duration_since(sent));
-                        lat.push(micros);
-                        timeline.add(sent.duration_since(started), micros);
-                    }
-                };
                 while let Some(chunk) = rx.recv().await {
                     for (sent, d) in chunk {
                         let mut wait = d.into_future();
@@ -275,26 +267,17 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                             Some(outcome) => outcome,
                             None => {
                                 // Those seen so far are done now: time them before waiting.
-                                time_seen(&mut seen, &mut lat);
+                                tally.time(&mut seen, Instant::now());
                                 wait.await
                             }
                         };
-                        match outcome {
-                            Ok(_) => {
-                                acked += 1;
-                                if sent >= measure_from {
-                                    seen.push(sent);
-                                }
-                            }
-                            Err(e) => {
-                                failed += 1;
-                                first_error.get_or_insert(e);
-                            }
+                        if let Some(sent) = tally.count(sent, outcome) {
+                            seen.push(sent);
                         }
                     }
-                    time_seen(&mut seen, &mut lat);
+                    tally.time(&mut seen, Instant::now());
                 }
-                (lat, acked, failed, first_error, timeline)
+                tally
             });
             let begin = started;
             let stop_at = (duration_secs > 0).then(|| begin + Duration::from_secs(duration_secs));
@@ -322,14 +305,14 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                 Some(schedule) => {
                     let producer = producer.clone();
                     let runtime = tokio::runtime::Handle::current();
-                    let tx = tx.clone();
+                    let tally = Arc::clone(&paced);
                     tokio::task::spawn_blocking(move || {
                         let pace = Pace {
                             schedule,
                             records: n,
                             stop_at,
                         };
-                        send_paced(&runtime, &producer, &pace, record, &tx);
+                        send_paced(&runtime, &producer, &pace, record, &tally);
                     })
                     .await
                     .map_err(|e| sluice_client::ClientError::Batch(format!("sender: {e}")))?;
@@ -364,11 +347,14 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                     }
                 }
             }
+            // Every callback has run once the flush is over.
             producer.flush().await?;
             drop(tx);
-            waiter
+            let mut tally = waiter
                 .await
-                .map_err(|e| sluice_client::ClientError::Batch(format!("waiter: {e}")))
+                .map_err(|e| sluice_client::ClientError::Batch(format!("waiter: {e}")))?;
+            tally.merge(std::mem::take(&mut *lock_tally(&paced)));
+            Ok::<_, sluice_client::ClientError>(tally)
         }));
     }
     let mut latencies = Vec::new();
@@ -377,15 +363,15 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
     let mut first_error = None;
     let mut ack_timeline = Timeline::new(window);
     for t in tasks {
-        let (lat, a, f, e, timeline) = t
+        let tally = t
             .await
             .map_err(|e| CliError::Usage(format!("producer task failed: {e}")))??;
-        latencies.extend(lat);
-        ack_timeline.merge(timeline);
-        acked += a;
-        failed += f;
+        latencies.extend(tally.latencies);
+        ack_timeline.merge(tally.timeline);
+        acked += tally.acked;
+        failed += tally.failed;
         if first_error.is_none() {
-            first_error = e;
+            first_error = tally.first_error;
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -696,15 +682,14 @@ struct Pace {
 }
 
 /// Sends on schedule from a thread of its own (see `Schedule::wait_due` for why a
-/// thread). Each time it wakes it sends every record then due in one `send_many`, and
-/// hands their futures to the waiter before it sleeps again, so none waits in the tool
-/// while it sleeps.
+/// thread). Each time it wakes it sends every record then due in one `send_many`; each
+/// record's callback times it, from when it fell due, as its answer is read.
 fn send_paced(
     runtime: &tokio::runtime::Handle,
     producer: &Producer,
     pace: &Pace,
     mut record: impl FnMut(u64) -> ProducerRecord,
-    tx: &mpsc::Sender<Vec<(Instant, DeliveryFuture)>>,
+    tally: &Arc<Mutex<Tally>>,
 ) {
     let schedule = &pace.schedule;
     let mut j = 0;
@@ -714,12 +699,99 @@ fn send_paced(
         }
         let end = schedule.wait_due(j, pace.records);
         let sent = runtime.block_on(producer.send_many((j..end).map(&mut record)));
-        let chunk: Vec<_> = (j..end).map(|k| schedule.due(k)).zip(sent).collect();
+        for (k, d) in (j..end).zip(sent) {
+            let due = schedule.due(k);
+            let tally = Arc::clone(tally);
+            d.on_delivery(move |outcome| {
+                let now = Instant::now();
+                let mut tally = lock_tally(&tally);
+                if let Some(sent) = tally.count(due, outcome) {
+                    tally.time_one(sent, now);
+                }
+            });
+        }
         j = end;
-        if tx.blocking_send(chunk).is_err() {
-            break;
+    }
+}
+
+/// One producer's outcomes: how many records were acknowledged or failed, and the
+/// latency of each acknowledged after the warm-up.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u32>,
+    acked: u64,
+    failed: u64,
+    first_error: Option<sluice_client::ClientError>,
+    timeline: Timeline,
+    started: Option<Instant>,
+    measure_from: Option<Instant>,
+}
+
+impl Tally {
+    fn new(
+        records: u64,
+        window: Option<Duration>,
+        started: Instant,
+        measure_from: Instant,
+    ) -> Tally {
+        Tally {
+            // A sustained run's record count is only a cap: grow past this instead.
+            latencies: Vec::with_capacity(records.min(1 << 24) as usize),
+            timeline: Timeline::new(window),
+            started: Some(started),
+            measure_from: Some(measure_from),
+            ..Tally::default()
         }
     }
+
+    /// Counts one outcome; gives back the send time if the record is to be timed.
+    fn count(
+        &mut self,
+        sent: Instant,
+        outcome: Result<sluice_client::RecordMetadata, sluice_client::ClientError>,
+    ) -> Option<Instant> {
+        match outcome {
+            Ok(_) => {
+                self.acked += 1;
+                self.measure_from.is_some_and(|m| sent >= m).then_some(sent)
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.first_error.get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    /// Times records sent at `sent`, all seen acknowledged by `now`.
+    fn time(&mut self, sent: &mut Vec<Instant>, now: Instant) {
+        for at in sent.drain(..) {
+            self.time_one(at, now);
+        }
+    }
+
+    /// Times one record sent at `at` and seen acknowledged by `now`.
+    fn time_one(&mut self, at: Instant, now: Instant) {
+        let micros = micros_of(now.saturating_duration_since(at));
+        self.latencies.push(micros);
+        let since_start = at.saturating_duration_since(self.started.unwrap_or(at));
+        self.timeline.add(since_start, micros);
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.latencies.extend(other.latencies);
+        self.timeline.merge(other.timeline);
+        self.acked += other.acked;
+        self.failed += other.failed;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+fn lock_tally(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    // A callback that panicked mid-update would leave at worst one record uncounted.
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn consume(global: &Global, args: ConsumeBench) -> Result<(), CliError> {
