@@ -289,6 +289,12 @@ impl DeliveryFuture {
         self.partition
     }
 
+    /// Whether this record and `other` were put in the same batch: their outcomes then
+    /// come together, at the same moment, so one callback can stand for both.
+    pub fn same_batch(&self, other: &DeliveryFuture) -> bool {
+        Arc::ptr_eq(&self.slot, &other.slot)
+    }
+
     async fn resolve(self) -> Result<RecordMetadata> {
         loop {
             let done = self.slot.done.notified();

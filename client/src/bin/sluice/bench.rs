@@ -682,8 +682,8 @@ struct Pace {
 }
 
 /// Sends on schedule from a thread of its own (see `Schedule::wait_due` for why a
-/// thread). Each time it wakes it sends every record then due in one `send_many`; each
-/// record's callback times it, from when it fell due, as its answer is read.
+/// thread). Each time it wakes it sends every record then due in one `send_many`; a
+/// callback times them, each from when it fell due, as their batch's answer is read.
 fn send_paced(
     runtime: &tokio::runtime::Handle,
     producer: &Producer,
@@ -699,14 +699,35 @@ fn send_paced(
         }
         let end = schedule.wait_due(j, pace.records);
         let sent = runtime.block_on(producer.send_many((j..end).map(&mut record)));
-        for (k, d) in (j..end).zip(sent) {
-            let due = schedule.due(k);
-            let tally = Arc::clone(tally);
-            d.on_delivery(move |outcome| {
+        // Records of one batch get their outcome at the same moment: one callback, and
+        // one clock read, times the whole run of them.
+        let mut sent = sent.into_iter().peekable();
+        let mut k = j;
+        while let Some(mut last) = sent.next() {
+            let from = k;
+            k += 1;
+            while let Some(next) = sent.next_if(|d| d.same_batch(&last)) {
+                last = next;
+                k += 1;
+            }
+            let (to, tally, schedule) = (k, Arc::clone(tally), *schedule);
+            last.on_delivery(move |outcome| {
                 let now = Instant::now();
                 let mut tally = lock_tally(&tally);
-                if let Some(sent) = tally.count(due, outcome) {
-                    tally.time_one(sent, now);
+                match outcome {
+                    Ok(_) => {
+                        for i in from..to {
+                            tally.acked += 1;
+                            let sent = schedule.due(i);
+                            if tally.measure_from.is_some_and(|m| sent >= m) {
+                                tally.time_one(sent, now);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tally.failed += to - from;
+                        tally.first_error.get_or_insert(e);
+                    }
                 }
             });
         }
