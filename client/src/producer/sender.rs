@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use h2::SendStream;
 use sluice_proto::v1::{produce_stream_response, Acks as WireAcks, ProduceRequest};
 use sluice_proto::ErrorReason;
@@ -145,7 +144,7 @@ enum Event {
 /// The sending half of an open produce stream.
 struct OpenLink {
     id: u64,
-    send: SendStream<Bytes>,
+    send: SendStream<super::wire::Message>,
     pending: Pending,
     next_correlation: u64,
 }
@@ -154,7 +153,7 @@ impl Drop for OpenLink {
     fn drop(&mut self) {
         // Ends the request stream, so the broker answers what it has and then ends its
         // side, and the stream's task ends once every answer is in.
-        let _ = self.send.send_data(Bytes::new(), true);
+        let _ = self.send.send_data(super::wire::end_of_stream(), true);
     }
 }
 
@@ -171,8 +170,8 @@ impl OpenLink {
             acks: wire_acks(shared.config.acks),
             timeout_ms: shared.timeout_ms,
         };
-        let chunks = match super::wire::message_chunks(id, req) {
-            Ok(chunks) => chunks,
+        let message = match super::wire::message(id, req) {
+            Ok(message) => message,
             Err(status) => {
                 shared.done();
                 shared.acc.complete(b, Err(ClientError::from(status)));
@@ -180,7 +179,7 @@ impl OpenLink {
             }
         };
         if shared.config.acks == Acks::None {
-            if super::wire::send_message(&mut self.send, chunks).is_err() {
+            if self.send.send_data(message, false).is_err() {
                 return Err(b);
             }
             shared.done();
@@ -198,7 +197,7 @@ impl OpenLink {
             }
             pending.batches.insert(id, b);
         }
-        if super::wire::send_message(&mut self.send, chunks).is_err() {
+        if self.send.send_data(message, false).is_err() {
             // Unless the stream's task has taken it to settle, it is ours to send again.
             if let Some(b) = lock(&self.pending).batches.remove(&id) {
                 return Err(b);

@@ -13,10 +13,11 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::buf::Chain;
 use bytes::{Buf, Bytes, BytesMut};
 use h2::client::SendRequest;
 use h2::{Ping, RecvStream, SendStream};
-use prost::Message;
+use prost::Message as _;
 use sluice_proto::v1::produce_service_server::SERVICE_NAME;
 use sluice_proto::v1::{ProduceRequest, ProduceStreamRequest, ProduceStreamResponse};
 use sluice_proto::wire::{bytes_field_len, field_overhead, Pieces};
@@ -38,10 +39,32 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The gRPC message prefix: a compressed flag and a 4-byte length.
 const PREFIX: usize = 5;
 
+/// One message on the stream: everything up to the batch, then the batch itself. Handed
+/// to the stream in one call, so the connection's task, which may run on another thread
+/// meanwhile, does not write the head alone before the batch has been handed over.
+pub(crate) type Message = Chain<Bytes, Bytes>;
+
+/// The message that carries `inner` as the stream item `correlation_id`.
+pub(crate) fn message(correlation_id: u64, inner: ProduceRequest) -> Result<Message, Status> {
+    let mut chunks = message_chunks(correlation_id, inner)?;
+    let head = chunks.pop_front().unwrap_or_default();
+    let batch = match chunks.len() {
+        0 | 1 => chunks.pop_front().unwrap_or_default(),
+        // `message_chunks` writes the batch last, so it makes two chunks at most.
+        _ => chunks.iter().flat_map(|c| c.iter().copied()).collect(),
+    };
+    Ok(head.chain(batch))
+}
+
+/// The end of the request stream, for the empty last frame.
+pub(crate) fn end_of_stream() -> Message {
+    Bytes::new().chain(Bytes::new())
+}
+
 /// One stream item, `ProduceStreamRequest { correlation_id, request: inner }`, as gRPC's
 /// wire form in chunks: everything up to the batch, then the batch by reference (the
 /// last field written). Refused past `MAX_MESSAGE_BYTES`, as tonic's encoder refuses it.
-pub(crate) fn message_chunks(
+fn message_chunks(
     correlation_id: u64,
     mut inner: ProduceRequest,
 ) -> Result<VecDeque<Bytes>, Status> {
@@ -86,7 +109,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Status {
 
 /// Opens `ProduceService/ProduceStream` on a new connection to `addr`, and returns its
 /// sending half and its answers once the broker has accepted the call.
-pub(crate) async fn open(addr: &str) -> Result<(SendStream<Bytes>, Answers), Status> {
+pub(crate) async fn open(addr: &str) -> Result<(SendStream<Message>, Answers), Status> {
     let authority = authority(addr)?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
         .await
@@ -99,7 +122,7 @@ pub(crate) async fn open(addr: &str) -> Result<(SendStream<Bytes>, Answers), Sta
         .initial_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
         .max_frame_size(MAX_FRAME_BYTES)
-        .handshake::<_, Bytes>(tcp)
+        .handshake::<_, Message>(tcp)
         .await
         .map_err(|e| unavailable(addr, e))?;
     let mut ping = connection.ping_pong();
@@ -153,9 +176,9 @@ pub(crate) async fn open(addr: &str) -> Result<(SendStream<Bytes>, Answers), Sta
 
 /// Sends the call's headers.
 async fn start(
-    client: SendRequest<Bytes>,
+    client: SendRequest<Message>,
     authority: &str,
-) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), Status> {
+) -> Result<(h2::client::ResponseFuture, SendStream<Message>), Status> {
     let mut client = client
         .ready()
         .await
@@ -170,17 +193,6 @@ async fn start(
     client
         .send_request(request, false)
         .map_err(|e| unavailable(authority, e))
-}
-
-/// Puts one message's chunks on the stream; an error means the stream is gone.
-pub(crate) fn send_message(
-    send: &mut SendStream<Bytes>,
-    chunks: VecDeque<Bytes>,
-) -> Result<(), h2::Error> {
-    for chunk in chunks {
-        send.send_data(chunk, false)?;
-    }
-    Ok(())
 }
 
 /// The broker's answers on a produce stream.
@@ -297,6 +309,12 @@ mod tests {
                 request: Some(request(records)),
             };
             assert_eq!(back, want);
+            // The message put on the stream: the same bytes, the batch not copied.
+            let mut m = message(300, request(records)).expect("within the limit");
+            if !records.is_empty() {
+                assert_eq!(m.last_ref().as_ptr(), records.as_ptr());
+            }
+            assert_eq!(m.copy_to_bytes(m.remaining()), wire);
         }
     }
 
