@@ -744,3 +744,71 @@ async fn delivery_callbacks_run_once_each_with_their_record_offset() {
     }
     broker.stop().await;
 }
+
+/// Established connections from this process to `port` on 127.0.0.1, from the kernel's
+/// table of IPv4 TCP sockets.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("the kernel's TCP table");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|a| a.split(':').nth(1))
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // State 01 is ESTABLISHED.
+            remote_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_producer_closes_its_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("closing", 1))
+        .await
+        .expect("create");
+    let before = connections_to(port);
+    let producer = Producer::connect(ProducerConfig {
+        acks: Acks::Leader,
+        ..producer_config(&addr)
+    })
+    .await
+    .expect("producer");
+    let d = producer
+        .send(ProducerRecord::new("closing", "x"))
+        .await
+        .expect("queued");
+    let meta = tokio::time::timeout(Duration::from_secs(30), d)
+        .await
+        .expect("answered in time")
+        .expect("delivered");
+    assert_eq!(meta.offset, Some(0));
+    assert!(
+        connections_to(port) > before,
+        "the producer has connections open while it sends"
+    );
+    drop(producer);
+    // The sender notices within its 200 ms idle wait, then its streams end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections_to(port) > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections left open after the producer was dropped ({before} before it)",
+            connections_to(port)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.stop().await;
+}
