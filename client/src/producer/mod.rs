@@ -315,7 +315,7 @@ impl DeliveryFuture {
     /// Runs `callback` with the record's outcome instead of waiting for it, as Kafka's
     /// send callback does: on the producer's own task, as soon as the broker's answer is
     /// read (or now, if the outcome is known already). It holds up other answers while
-    /// it runs, so it should be short. Callbacks of one batch run in record order.
+    /// it runs, so it should be short. Callbacks waiting on one batch run in the order given.
     pub fn on_delivery(self, callback: impl FnOnce(Result<RecordMetadata>) + Send + 'static) {
         let (topic, partition, index) = (Arc::clone(&self.slot.topic), self.partition, self.index);
         let callback: Callback =

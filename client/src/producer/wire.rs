@@ -4,11 +4,11 @@
 //! a request body is polled by a task of its own that hands each message to the
 //! connection's task, so every batch cost two task wake-ups before reaching the socket,
 //! and each is a thread wake-up when the tasks sit on different threads. Here the
-//! producer's dispatcher puts a message's chunks into the stream itself, and only the
+//! producer's dispatcher puts each message into the stream itself, and only the
 //! connection's task stands between it and the socket. The batch is not copied: a
-//! message goes out as its gRPC prefix with every field but the batch, and then the
-//! batch's own `Bytes` (`sluice_proto::wire::Pieces`), which h2 hands to a vectored
-//! socket write as it is.
+//! message is its gRPC prefix with every field but the batch, chained to the batch's
+//! own `Bytes` (`sluice_proto::wire::Pieces`), which h2 hands to a vectored socket
+//! write as they are.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -32,7 +32,7 @@ const REQUEST_FIELD: u32 = 2;
 const RECORDS_FIELD: u32 = 3;
 /// How long connecting may take, as for the client's other channels.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A broker that sends nothing for this long is pinged...
+/// The connection is pinged this often, busy or not...
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and the connection is dropped if the ping is not answered within this.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -247,14 +247,21 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         // A paced run is timed by delivery callbacks, which run as each answer is read:
         // handing every record's future to a waiting task instead cost a wake-up of that
         // task per batch, on the two CPUs the broker shares.
-        let paced = Arc::new(Mutex::new(Tally::new(n, window, started, measure_from)));
+        // Only the tally in use takes room for every latency up front.
+        let (paced_n, waited_n) = if interval.is_some() { (n, 0) } else { (0, n) };
+        let paced = Arc::new(Mutex::new(Tally::new(
+            paced_n,
+            window,
+            started,
+            measure_from,
+        )));
         tasks.push(tokio::spawn(async move {
             // Futures reach the waiter in chunks: one channel message per record would
             // cost the load tool more than the producer.
             let chunk_len = 256;
             let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
-                let mut tally = Tally::new(n, window, started, measure_from);
+                let mut tally = Tally::new(waited_n, window, started, measure_from);
                 // Send times of records seen acknowledged and not yet timed. They are timed
                 // together, by one clock read taken after all of them were seen done, so
                 // none is timed before its acknowledgement; reading the clock for every
