@@ -116,6 +116,40 @@ impl BrokerProcess {
         assert_eq!(rc, 0, "signal {signal} delivered");
     }
 
+    /// Sends SIGSTOP and waits (at most 10 s) until every thread of the broker is
+    /// stopped: kill(2) returns before that, and a request sent meanwhile can still be
+    /// answered.
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.child.pid());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let states: Vec<Option<char>> = std::fs::read_dir(&tasks)
+                .map(|dir| {
+                    dir.flatten()
+                        .map(|t| {
+                            // The state follows the command name, which is in parentheses.
+                            std::fs::read_to_string(t.path().join("stat"))
+                                .ok()
+                                .and_then(|stat| {
+                                    let rest = &stat[stat.rfind(')')? + 1..];
+                                    rest.trim_start().chars().next()
+                                })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !states.is_empty() && states.iter().all(|s| *s == Some('T')) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the broker's threads did not all stop within 10 s: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Kills the broker with SIGKILL.
     pub fn sigkill(mut self) {
         self.child.kill().expect("SIGKILL the broker");

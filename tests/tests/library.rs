@@ -812,3 +812,51 @@ async fn a_dropped_producer_closes_its_connections() {
     }
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_is_given_up_after_the_request_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = sluice_tests::broker::BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.address().to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("stuck", 1))
+        .await
+        .expect("create");
+    let producer = Producer::connect(ProducerConfig {
+        acks: Acks::Leader,
+        linger: Duration::ZERO,
+        retries: 0,
+        request_timeout: Duration::from_secs(1),
+        ..producer_config(&addr)
+    })
+    .await
+    .expect("producer");
+    let first = producer
+        .send(ProducerRecord::new("stuck", "before"))
+        .await
+        .expect("queued");
+    let meta = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("answered in time")
+        .expect("delivered");
+    assert_eq!(meta.offset, Some(0));
+    // Stopped, the broker keeps its socket open and answers nothing, not even pings.
+    broker.stop();
+    let sent = Instant::now();
+    let stuck = producer
+        .send(ProducerRecord::new("stuck", "while stopped"))
+        .await
+        .expect("queued");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stuck).await;
+    broker.signal(libc::SIGCONT);
+    let err = outcome
+        .expect("an outcome while the broker is stopped, long before a keep-alive fails")
+        .expect_err("no answer came");
+    assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
+    assert!(
+        sent.elapsed() >= Duration::from_secs(1),
+        "not given up before the request timeout"
+    );
+    broker.sigkill();
+}

@@ -76,7 +76,9 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// `delivery.timeout.ms`: a send fails once this much time has passed (default 120 s).
     pub delivery_timeout: Duration,
-    /// `request.timeout.ms`: how long the broker may wait for acks (default 30 s).
+    /// `request.timeout.ms`: how long the broker may wait for acks (default 30 s). A
+    /// batch unanswered for that long and a little more (up to 5 s) gives up its broker's
+    /// connection: everything in flight on it is retried or, out of retries, fails.
     pub request_timeout: Duration,
     /// `buffer.memory`: bytes of unsent records before `send` waits (default 64 MiB).
     pub buffer_memory: usize,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use h2::SendStream;
 use sluice_proto::v1::{produce_stream_response, Acks as WireAcks, ProduceRequest};
@@ -81,7 +81,8 @@ fn resend(acc: &Accumulator, config: &ProducerConfig, batch: ReadyBatch, err: Cl
 struct Unanswered {
     /// False once the stream's task has given up on the stream; nothing is put here then.
     open: bool,
-    batches: HashMap<u64, ReadyBatch>,
+    /// Each batch with when it was put on the stream.
+    batches: HashMap<u64, (Instant, ReadyBatch)>,
 }
 
 type Pending = Arc<Mutex<Unanswered>>;
@@ -195,11 +196,11 @@ impl OpenLink {
             if !pending.open {
                 return Err(b);
             }
-            pending.batches.insert(id, b);
+            pending.batches.insert(id, (Instant::now(), b));
         }
         if self.send.send_data(message, false).is_err() {
             // Unless the stream's task has taken it to settle, it is ours to send again.
-            if let Some(b) = lock(&self.pending).batches.remove(&id) {
+            if let Some((_, b)) = lock(&self.pending).batches.remove(&id) {
                 return Err(b);
             }
         }
@@ -396,10 +397,27 @@ async fn stream_task(shared: Arc<Shared>, addr: String, link: u64) {
     };
     // If the dispatcher is gone the link is dropped with the event, ending the stream.
     let _ = shared.events.send(opened);
+    let patience = answer_patience(shared.config.request_timeout);
+    let mut gave_up = false;
     loop {
-        match answers.next().await {
+        // A broker that keeps its socket open but stops answering (stopped, or stuck)
+        // would otherwise hold what it was sent until a keep-alive ping failed. With
+        // nothing awaiting an answer, this looks again after `patience` at what was
+        // sent meanwhile, so a batch is given up within twice that.
+        let oldest = lock(&pending).batches.values().map(|(sent, _)| *sent).min();
+        let deadline = oldest.unwrap_or_else(Instant::now) + patience;
+        let answer = match tokio::time::timeout_at(deadline.into(), answers.next()).await {
+            Ok(answer) => answer,
+            Err(_) if oldest.is_some() => {
+                tracing::warn!(broker = %addr, waited_ms = patience.as_millis() as u64, "no answer from the broker in time; dropping its produce stream");
+                gave_up = true;
+                break;
+            }
+            Err(_) => continue,
+        };
+        match answer {
             Some(Ok(resp)) => {
-                let Some(batch) = lock(&pending).batches.remove(&resp.correlation_id) else {
+                let Some((_, batch)) = lock(&pending).batches.remove(&resp.correlation_id) else {
                     continue;
                 };
                 match resp.result {
@@ -432,18 +450,33 @@ async fn stream_task(shared: Arc<Shared>, addr: String, link: u64) {
     let unanswered: Vec<ReadyBatch> = {
         let mut pending = lock(&pending);
         pending.open = false;
-        pending.batches.drain().map(|(_, b)| b).collect()
+        pending.batches.drain().map(|(_, (_, b))| b).collect()
     };
     let _ = shared.events.send(Event::Down {
         addr: addr.clone(),
         link,
     });
     for b in unanswered {
-        let err = ClientError::Rpc {
-            code: tonic::Code::Unavailable,
-            message: "produce stream closed before the answer".into(),
+        let err = if gave_up {
+            ClientError::Timeout(format!(
+                "no answer from broker {addr} within {} ms",
+                patience.as_millis()
+            ))
+        } else {
+            ClientError::Rpc {
+                code: tonic::Code::Unavailable,
+                message: "produce stream closed before the answer".into(),
+            }
         };
         shared.done();
         retry_or_fail(&shared.acc, &shared.config, b, err);
     }
+}
+
+/// How long a batch may wait for its answer before the stream is given up, as Kafka's
+/// producer gives up a connection after `request.timeout.ms`. The broker itself answers
+/// by `request_timeout` (an acks=all batch that cannot be replicated in time gets
+/// REQUEST_TIMED_OUT), so a little more is allowed for that answer to arrive.
+fn answer_patience(request_timeout: Duration) -> Duration {
+    request_timeout + request_timeout.min(Duration::from_secs(5))
 }
