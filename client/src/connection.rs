@@ -11,14 +11,18 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:9292";
 
 pub use sluice_proto::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
 
-/// The endpoint of one broker, `host:port` or a URI, with the client's settings.
-pub fn endpoint(addr: &str) -> std::result::Result<Endpoint, String> {
-    let uri = if addr.contains("://") {
+/// A broker address, `host:port` or a URI, as a URI (`http://` when none is given).
+pub(crate) fn broker_uri(addr: &str) -> String {
+    if addr.contains("://") {
         addr.to_string()
     } else {
         format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| format!("{addr}: {e}"))?;
+    }
+}
+
+/// The endpoint of one broker, `host:port` or a URI, with the client's settings.
+pub fn endpoint(addr: &str) -> std::result::Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(broker_uri(addr)).map_err(|e| format!("{addr}: {e}"))?;
     Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)

@@ -24,7 +24,7 @@ use sluice_proto::wire::{bytes_field_len, field_overhead, Pieces};
 use tokio::net::TcpStream;
 use tonic::Status;
 
-use crate::connection::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
+use crate::connection::{broker_uri, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES};
 
 /// `ProduceStreamRequest.request`'s field number.
 const REQUEST_FIELD: u32 = 2;
@@ -85,12 +85,7 @@ fn message_chunks(
 
 /// The `host:port` of a broker address given as `host:port` or `http://host:port`.
 fn authority(addr: &str) -> Result<String, Status> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let uri: http::Uri = uri
+    let uri: http::Uri = broker_uri(addr)
         .parse()
         .map_err(|e| Status::invalid_argument(format!("broker address {addr}: {e}")))?;
     if uri.scheme_str() != Some("http") {
