@@ -10,7 +10,6 @@
 //! own `Bytes` (`sluice_proto::wire::Pieces`), which h2 hands to a vectored socket
 //! write as they are.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::buf::Chain;
@@ -44,30 +43,11 @@ const PREFIX: usize = 5;
 /// meanwhile, does not write the head alone before the batch has been handed over.
 pub(crate) type Message = Chain<Bytes, Bytes>;
 
-/// The message that carries `inner` as the stream item `correlation_id`.
-pub(crate) fn message(correlation_id: u64, inner: ProduceRequest) -> Result<Message, Status> {
-    let mut chunks = message_chunks(correlation_id, inner)?;
-    let head = chunks.pop_front().unwrap_or_default();
-    let batch = match chunks.len() {
-        0 | 1 => chunks.pop_front().unwrap_or_default(),
-        // `message_chunks` writes the batch last, so it makes two chunks at most.
-        _ => chunks.iter().flat_map(|c| c.iter().copied()).collect(),
-    };
-    Ok(head.chain(batch))
-}
-
-/// The end of the request stream, for the empty last frame.
-pub(crate) fn end_of_stream() -> Message {
-    Bytes::new().chain(Bytes::new())
-}
-
-/// One stream item, `ProduceStreamRequest { correlation_id, request: inner }`, as gRPC's
-/// wire form in chunks: everything up to the batch, then the batch by reference (the
-/// last field written). Refused past `MAX_MESSAGE_BYTES`, as tonic's encoder refuses it.
-fn message_chunks(
-    correlation_id: u64,
-    mut inner: ProduceRequest,
-) -> Result<VecDeque<Bytes>, Status> {
+/// The message that carries `inner` as the stream item `correlation_id`,
+/// `ProduceStreamRequest { correlation_id, request: inner }` in gRPC's wire form: its
+/// head, with every field but the batch, chained to the batch by reference (the last
+/// field written). Refused past `MAX_MESSAGE_BYTES`, as tonic's encoder refuses it.
+pub(crate) fn message(correlation_id: u64, mut inner: ProduceRequest) -> Result<Message, Status> {
     let records = std::mem::take(&mut inner.records);
     let outer = ProduceStreamRequest {
         correlation_id,
@@ -80,7 +60,21 @@ fn message_chunks(
     out.field_start(REQUEST_FIELD, inner_len);
     out.encoded(&inner);
     out.bytes_field(RECORDS_FIELD, records);
-    Ok(out.into_chunks())
+    // The batch is written last, so the head and the batch (none when empty) are all.
+    let mut chunks = out.into_chunks();
+    let head = chunks.pop_front().unwrap_or_default();
+    let batch = chunks.pop_front().unwrap_or_default();
+    if !chunks.is_empty() {
+        return Err(Status::internal(
+            "a produce message in more than two pieces",
+        ));
+    }
+    Ok(head.chain(batch))
+}
+
+/// The end of the request stream, for the empty last frame.
+pub(crate) fn end_of_stream() -> Message {
+    Bytes::new().chain(Bytes::new())
 }
 
 /// The `host:port` of a broker address given as `host:port` or `http://host:port`.
@@ -284,17 +278,20 @@ mod tests {
     }
 
     #[test]
-    fn the_chunks_decode_as_the_message() {
+    fn the_message_decodes_and_carries_the_batch_uncopied() {
         let big: &'static [u8] = Box::leak(vec![0xab; 70_000].into_boxed_slice());
         for records in [&b""[..], b"x", big] {
-            let chunks = message_chunks(300, request(records)).expect("within the limit");
-            // A head, then the batch as a chunk of its own (none when it is empty).
-            assert_eq!(chunks.len(), if records.is_empty() { 1 } else { 2 });
-            if let [_, batch] = chunks.iter().collect::<Vec<_>>()[..] {
-                assert_eq!(&batch[..], records);
-                assert_eq!(batch.as_ptr(), records.as_ptr(), "the batch is not copied");
+            let mut m = message(300, request(records)).expect("within the limit");
+            // A head, then the batch as a part of its own (empty when it is).
+            assert_eq!(&m.last_ref()[..], records);
+            if !records.is_empty() {
+                assert_eq!(
+                    m.last_ref().as_ptr(),
+                    records.as_ptr(),
+                    "the batch is not copied"
+                );
             }
-            let wire: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            let wire = m.copy_to_bytes(m.remaining());
             assert_eq!(wire[0], 0, "uncompressed");
             let len = u32::from_be_bytes([wire[1], wire[2], wire[3], wire[4]]) as usize;
             assert_eq!(len, wire.len() - 5, "the prefix counts the whole message");
@@ -304,12 +301,6 @@ mod tests {
                 request: Some(request(records)),
             };
             assert_eq!(back, want);
-            // The message put on the stream: the same bytes, the batch not copied.
-            let mut m = message(300, request(records)).expect("within the limit");
-            if !records.is_empty() {
-                assert_eq!(m.last_ref().as_ptr(), records.as_ptr());
-            }
-            assert_eq!(m.copy_to_bytes(m.remaining()), wire);
         }
     }
 
