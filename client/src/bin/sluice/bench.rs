@@ -360,7 +360,8 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             let mut tally = waiter
                 .await
                 .map_err(|e| sluice_client::ClientError::Batch(format!("waiter: {e}")))?;
-            tally.merge(std::mem::take(&mut *lock_tally(&paced)));
+            let empty = Tally::new(0, window, started, measure_from);
+            tally.merge(std::mem::replace(&mut *lock_tally(&paced), empty));
             Ok::<_, sluice_client::ClientError>(tally)
         }));
     }
@@ -720,22 +721,8 @@ fn send_paced(
             let (to, tally, schedule) = (k, Arc::clone(tally), *schedule);
             last.on_delivery(move |outcome| {
                 let now = Instant::now();
-                let mut tally = lock_tally(&tally);
-                match outcome {
-                    Ok(_) => {
-                        for i in from..to {
-                            tally.acked += 1;
-                            let sent = schedule.due(i);
-                            if tally.measure_from.is_some_and(|m| sent >= m) {
-                                tally.time_one(sent, now);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tally.failed += to - from;
-                        tally.first_error.get_or_insert(e);
-                    }
-                }
+                let sent = (from..to).map(|i| schedule.due(i));
+                lock_tally(&tally).count_batch(sent, outcome, now);
             });
         }
         j = end;
@@ -744,15 +731,14 @@ fn send_paced(
 
 /// One producer's outcomes: how many records were acknowledged or failed, and the
 /// latency of each acknowledged after the warm-up.
-#[derive(Default)]
 struct Tally {
     latencies: Vec<u32>,
     acked: u64,
     failed: u64,
     first_error: Option<sluice_client::ClientError>,
     timeline: Timeline,
-    started: Option<Instant>,
-    measure_from: Option<Instant>,
+    started: Instant,
+    measure_from: Instant,
 }
 
 impl Tally {
@@ -765,10 +751,12 @@ impl Tally {
         Tally {
             // A sustained run's record count is only a cap: grow past this instead.
             latencies: Vec::with_capacity(records.min(1 << 24) as usize),
+            acked: 0,
+            failed: 0,
+            first_error: None,
             timeline: Timeline::new(window),
-            started: Some(started),
-            measure_from: Some(measure_from),
-            ..Tally::default()
+            started,
+            measure_from,
         }
     }
 
@@ -779,16 +767,41 @@ impl Tally {
         outcome: Result<sluice_client::RecordMetadata, sluice_client::ClientError>,
     ) -> Option<Instant> {
         match outcome {
-            Ok(_) => {
-                self.acked += 1;
-                self.measure_from.is_some_and(|m| sent >= m).then_some(sent)
-            }
+            Ok(_) => self.acked(sent),
             Err(e) => {
                 self.failed += 1;
                 self.first_error.get_or_insert(e);
                 None
             }
         }
+    }
+
+    /// Counts a batch's records, sent at `sent`, whose one outcome was seen by `now`.
+    fn count_batch(
+        &mut self,
+        sent: impl Iterator<Item = Instant>,
+        outcome: Result<sluice_client::RecordMetadata, sluice_client::ClientError>,
+        now: Instant,
+    ) {
+        match outcome {
+            Ok(_) => {
+                for at in sent {
+                    if let Some(at) = self.acked(at) {
+                        self.time_one(at, now);
+                    }
+                }
+            }
+            Err(e) => {
+                self.failed += sent.count() as u64;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Counts one acknowledged record; gives back its send time if it is to be timed.
+    fn acked(&mut self, sent: Instant) -> Option<Instant> {
+        self.acked += 1;
+        (sent >= self.measure_from).then_some(sent)
     }
 
     /// Times records sent at `sent`, all seen acknowledged by `now`.
@@ -802,7 +815,7 @@ impl Tally {
     fn time_one(&mut self, at: Instant, now: Instant) {
         let micros = micros_of(now.saturating_duration_since(at));
         self.latencies.push(micros);
-        let since_start = at.saturating_duration_since(self.started.unwrap_or(at));
+        let since_start = at.saturating_duration_since(self.started);
         self.timeline.add(since_start, micros);
     }
 
