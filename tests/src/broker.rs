@@ -121,23 +121,11 @@ impl BrokerProcess {
     /// answered.
     pub fn stop(&self) {
         self.signal(libc::SIGSTOP);
-        let tasks = format!("/proc/{}/task", self.child.pid());
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.pid()));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let states: Vec<Option<char>> = std::fs::read_dir(&tasks)
-                .map(|dir| {
-                    dir.flatten()
-                        .map(|t| {
-                            // The state follows the command name, which is in parentheses.
-                            std::fs::read_to_string(t.path().join("stat"))
-                                .ok()
-                                .and_then(|stat| {
-                                    let rest = &stat[stat.rfind(')')? + 1..];
-                                    rest.trim_start().chars().next()
-                                })
-                        })
-                        .collect()
-                })
+                .map(|dir| dir.flatten().map(|t| thread_state(&t.path())).collect())
                 .unwrap_or_default();
             if !states.is_empty() && states.iter().all(|s| *s == Some('T')) {
                 return;
@@ -166,4 +154,12 @@ impl BrokerProcess {
             .map(|s| s.success())
             .unwrap_or(false)
     }
+}
+
+/// The state letter of the thread whose `/proc/PID/task/TID` folder is `task` (`T` when
+/// stopped); it follows the command name, which is in parentheses.
+fn thread_state(task: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
 }

@@ -745,6 +745,23 @@ async fn delivery_callbacks_run_once_each_with_their_record_offset() {
     broker.stop().await;
 }
 
+/// Sends one record and waits, at most `within`, for it to be acknowledged.
+async fn deliver(
+    producer: &Producer,
+    topic: &str,
+    value: &str,
+    within: Duration,
+) -> sluice_client::RecordMetadata {
+    let d = producer
+        .send(ProducerRecord::new(topic, value.to_string()))
+        .await
+        .expect("queued");
+    tokio::time::timeout(within, d)
+        .await
+        .expect("answered in time")
+        .expect("delivered")
+}
+
 /// Established connections from this process to `port` on 127.0.0.1, from the kernel's
 /// table of IPv4 TCP sockets.
 fn connections_to(port: u16) -> usize {
@@ -786,14 +803,7 @@ async fn a_dropped_producer_closes_its_connections() {
     })
     .await
     .expect("producer");
-    let d = producer
-        .send(ProducerRecord::new("closing", "x"))
-        .await
-        .expect("queued");
-    let meta = tokio::time::timeout(Duration::from_secs(30), d)
-        .await
-        .expect("answered in time")
-        .expect("delivered");
+    let meta = deliver(&producer, "closing", "x", Duration::from_secs(30)).await;
     assert_eq!(meta.offset, Some(0));
     assert!(
         connections_to(port) > before,
@@ -832,14 +842,7 @@ async fn a_broker_that_stops_answering_is_given_up_after_the_request_timeout() {
     })
     .await
     .expect("producer");
-    let first = producer
-        .send(ProducerRecord::new("stuck", "before"))
-        .await
-        .expect("queued");
-    let meta = tokio::time::timeout(Duration::from_secs(10), first)
-        .await
-        .expect("answered in time")
-        .expect("delivered");
+    let meta = deliver(&producer, "stuck", "before", Duration::from_secs(10)).await;
     assert_eq!(meta.offset, Some(0));
     // Stopped, the broker keeps its socket open and answers nothing, not even pings.
     broker.stop();
