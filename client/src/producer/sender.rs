@@ -4,7 +4,7 @@
 //! opens the stream, matches its answers by correlation id, and retries what failed
 //! for a retriable reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -77,12 +77,12 @@ fn resend(acc: &Accumulator, config: &ProducerConfig, batch: ReadyBatch, err: Cl
 /// dispatcher, which puts each batch here before sending it, and the stream's task,
 /// which takes it out when its answer comes: whichever takes a batch out owns it, so a
 /// batch whose send fails as the stream breaks is handled once, by one of them.
-#[derive(Default)]
 struct Unanswered {
     /// False once the stream's task has given up on the stream; nothing is put here then.
     open: bool,
-    /// Each batch with when it was put on the stream.
-    batches: HashMap<u64, (Instant, ReadyBatch)>,
+    /// Each batch with when it was put on the stream. Ids are given in sending order,
+    /// so the first entry is the batch that has waited longest.
+    batches: BTreeMap<u64, (Instant, ReadyBatch)>,
 }
 
 type Pending = Arc<Mutex<Unanswered>>;
@@ -384,7 +384,7 @@ async fn stream_task(shared: Arc<Shared>, addr: String, link: u64) {
     };
     let pending: Pending = Arc::new(Mutex::new(Unanswered {
         open: true,
-        batches: HashMap::new(),
+        batches: BTreeMap::new(),
     }));
     let opened = Event::Opened {
         addr: addr.clone(),
@@ -404,7 +404,10 @@ async fn stream_task(shared: Arc<Shared>, addr: String, link: u64) {
         // would otherwise hold what it was sent until a keep-alive ping failed. With
         // nothing awaiting an answer, this looks again after `patience` at what was
         // sent meanwhile, so a batch is given up within twice that.
-        let oldest = lock(&pending).batches.values().map(|(sent, _)| *sent).min();
+        let oldest = lock(&pending)
+            .batches
+            .first_key_value()
+            .map(|(_, (sent, _))| *sent);
         let deadline = oldest.unwrap_or_else(Instant::now) + patience;
         let answer = match tokio::time::timeout_at(deadline.into(), answers.next()).await {
             Ok(answer) => answer,
@@ -450,7 +453,10 @@ async fn stream_task(shared: Arc<Shared>, addr: String, link: u64) {
     let unanswered: Vec<ReadyBatch> = {
         let mut pending = lock(&pending);
         pending.open = false;
-        pending.batches.drain().map(|(_, (_, b))| b).collect()
+        std::mem::take(&mut pending.batches)
+            .into_values()
+            .map(|(_, b)| b)
+            .collect()
     };
     let _ = shared.events.send(Event::Down {
         addr: addr.clone(),
