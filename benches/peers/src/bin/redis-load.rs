@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use clap::Parser;
-use sluice_benches::{peer_payloads, percentile_ms, share};
 use sluice_client::Schedule;
+use sluice_peer_load::{peer_payloads, percentile_ms, share};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;

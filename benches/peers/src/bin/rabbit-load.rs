@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rabbitmq_stream_client::types::Message;
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
-use sluice_benches::{peer_payloads, percentile_ms, share};
 use sluice_client::Schedule;
+use sluice_peer_load::{peer_payloads, percentile_ms, share};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use clap::Parser;
-use sluice_benches::{peer_payloads, percentile_ms, share};
 use sluice_client::Schedule;
+use sluice_peer_load::{peer_payloads, percentile_ms, share};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
