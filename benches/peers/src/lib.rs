@@ -39,6 +39,63 @@ pub fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
+/// A run's throughput and latency percentiles.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Records counted.
+    pub records: u64,
+    /// Seconds the run took.
+    pub secs: f64,
+    /// Records a second.
+    pub rate: f64,
+    /// Latency percentiles (ms).
+    pub p50: f64,
+    /// See `p50`.
+    pub p99: f64,
+    /// See `p50`.
+    pub p999: f64,
+}
+
+impl Summary {
+    /// `records` over the time since `started`, with the percentiles of `latencies` (µs),
+    /// which this sorts.
+    pub fn of(records: u64, started: std::time::Instant, latencies: &mut [u32]) -> Summary {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        latencies.sort_unstable();
+        Summary {
+            records,
+            secs,
+            rate: records as f64 / secs,
+            p50: percentile_ms(latencies, 0.5),
+            p99: percentile_ms(latencies, 0.99),
+            p999: percentile_ms(latencies, 0.999),
+        }
+    }
+
+    /// Prints the run as one JSON line, or as a line of text for `record_size`-byte
+    /// records sent.
+    pub fn print_sent(&self, record_size: usize, json: bool) {
+        let Summary {
+            records,
+            secs,
+            rate,
+            p50,
+            p99,
+            p999,
+        } = *self;
+        if json {
+            println!(
+                "{{\"records\":{records},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
+            );
+        } else {
+            println!(
+                "{records} records sent in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
+                rate * record_size as f64 / 1e6
+            );
+        }
+    }
+}
+
 /// Producer `i`'s share when `records` are split over `producers` (the first ones take
 /// the remainder).
 pub fn share(records: u64, producers: u32, i: u32) -> u64 {

@@ -10,7 +10,7 @@ use clap::Parser;
 use rabbitmq_stream_client::types::Message;
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, percentile_ms, share};
+use sluice_peer_load::{peer_payloads, share, Summary};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -217,15 +217,15 @@ async fn main() -> Result<(), BoxError> {
             first_error = e;
         }
     }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    latencies.sort_unstable();
     let confirmed = latencies.len() as u64;
-    let rate = confirmed as f64 / secs;
-    let (p50, p99, p999) = (
-        percentile_ms(&latencies, 0.5),
-        percentile_ms(&latencies, 0.99),
-        percentile_ms(&latencies, 0.999),
-    );
+    let Summary {
+        secs,
+        rate,
+        p50,
+        p99,
+        p999,
+        ..
+    } = Summary::of(confirmed, started, &mut latencies);
     if args.json {
         println!(
             "{{\"records\":{confirmed},\"replicas\":{replicas},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"

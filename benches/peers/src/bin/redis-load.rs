@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use clap::Parser;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, percentile_ms, share};
+use sluice_peer_load::{peer_payloads, share, Summary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -284,26 +284,7 @@ async fn main() -> Result<(), BoxError> {
     for t in tasks {
         latencies.extend(t.await??);
     }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    latencies.sort_unstable();
-    let rate = args.records as f64 / secs;
-    let (p50, p99, p999) = (
-        percentile_ms(&latencies, 0.5),
-        percentile_ms(&latencies, 0.99),
-        percentile_ms(&latencies, 0.999),
-    );
-    if args.json {
-        println!(
-            "{{\"records\":{},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}",
-            args.records
-        );
-    } else {
-        println!(
-            "{} records sent in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
-            args.records,
-            rate * args.record_size as f64 / 1e6
-        );
-    }
+    Summary::of(args.records, started, &mut latencies).print_sent(args.record_size, args.json);
     Ok(())
 }
 
