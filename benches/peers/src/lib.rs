@@ -1,5 +1,5 @@
-//! What the peers' load generators share: their record values, percentiles and each
-//! producer's share of the records.
+//! What the peers' load generators share: the load's options, their record values,
+//! percentiles and each producer's share of the records.
 //!
 //! This crate is a workspace of its own so that the peers' clients never change how
 //! Sluice itself is built: `rabbitmq-stream-client` turns on tokio's `full` features,
@@ -101,4 +101,54 @@ impl Summary {
 pub fn share(records: u64, producers: u32, i: u32) -> u64 {
     let producers = u64::from(producers.max(1));
     records / producers + u64::from(u64::from(i) < records % producers)
+}
+
+/// The load's shape, the same options for every peer's tool (and named as
+/// `sluice bench produce` names them).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Records to send in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Bytes per record (half random-looking, half constant).
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Records in flight awaiting their acknowledgement, per producer.
+    #[arg(long, default_value_t = 1024)]
+    pub window: usize,
+    /// Concurrent producers, each on its own connection, sharing the stream.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
+    /// Records per second across producers (0: as fast as the window allows). Latency
+    /// is then timed from each record's scheduled send.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// With --rate, the pacing thread wakes no sooner than this many µs after the last
+    /// record it sent fell due (as `sluice bench produce --wake-gap-us`); 0: as soon as
+    /// the next record is due.
+    #[arg(long, default_value_t = 0)]
+    pub wake_gap_us: u64,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LoadArgs {
+    /// Refuses a load that could never send anything.
+    pub fn check(&self) -> Result<(), String> {
+        if self.producers == 0 || self.window == 0 {
+            return Err("--producers and --window must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Each producer's records per second, when paced.
+    pub fn producer_rate(&self) -> Option<f64> {
+        (self.rate > 0).then(|| self.rate as f64 / f64::from(self.producers))
+    }
+
+    /// The pacing thread's least gap between wakes.
+    pub fn wake_gap(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.wake_gap_us)
+    }
 }

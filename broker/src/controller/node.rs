@@ -1,6 +1,6 @@
-//! One controller's Raft node, as a task that owns its `RawNode`: it ticks, steps
-//! messages from peers, takes proposals (only while leader), persists and sends what
-//! each Ready holds, and applies committed commands to its state machine in order.
+//! One controller's Raft node, on a thread of its own that owns its `RawNode`: it
+//! ticks, steps messages from peers, takes proposals (only while leader), persists and
+//! sends what each Ready holds, and applies committed commands to its state machine in order.
 //! Every `snapshot_after` applied entries the state machine is snapshotted and the log
 //! compacted; a follower too far behind is sent the snapshot.
 
@@ -203,7 +203,18 @@ pub fn start<S: StateMachine>(
         applied: snap.get_metadata().index,
         snapshot_after: config.snapshot_after.max(1),
     };
-    tokio::spawn(node.run(rx, config.tick));
+    // Its own thread: every commit fsyncs the Raft log and the hard state, and on a busy
+    // disk an fsync takes milliseconds, which would stall whatever else shares a runtime
+    // worker with it (on a small machine, every produce request).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| BrokerError::Internal(format!("starting the controller runtime: {e}")))?;
+    let tick = config.tick;
+    std::thread::Builder::new()
+        .name(format!("raft-{}", config.id))
+        .spawn(move || runtime.block_on(node.run(rx, tick)))
+        .map_err(|e| BrokerError::Internal(format!("starting the controller thread: {e}")))?;
     Ok(RaftHandle { id: config.id, tx })
 }
 

@@ -10,7 +10,7 @@ use clap::Parser;
 use rabbitmq_stream_client::types::Message;
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, share, Summary};
+use sluice_peer_load::{peer_payloads, share, LoadArgs, Summary};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -25,36 +25,14 @@ struct Args {
     /// Stream (deleted and created fresh).
     #[arg(long, default_value = "bench")]
     stream: String,
-    /// Records to publish in all.
-    #[arg(long, default_value_t = 1_000_000)]
-    records: u64,
-    /// Bytes per record (half random-looking, half constant).
-    #[arg(long, default_value_t = 100)]
-    record_size: usize,
-    /// Publishes in flight awaiting their confirms, per producer.
-    #[arg(long, default_value_t = 1024)]
-    window: usize,
     /// Messages the client gathers into one publish frame.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
     /// Longest a partial publish frame waits for more messages (ms).
     #[arg(long, default_value_t = 1)]
     batch_delay_ms: u64,
-    /// Records per second across producers (0: as fast as the window allows). Latency
-    /// is then timed from each record's scheduled send.
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
-    /// With --rate, the pacing thread wakes no sooner than this many µs after the last
-    /// record it sent fell due (as `sluice bench produce --wake-gap-us`); 0: as soon as
-    /// the next record is due.
-    #[arg(long, default_value_t = 0)]
-    wake_gap_us: u64,
-    /// Concurrent producers, each on its own connection, sharing the stream.
-    #[arg(long, default_value_t = 1)]
-    producers: u32,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -176,9 +154,7 @@ async fn replicas(port: u16, stream: &str) -> Result<usize, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.producers == 0 || args.window == 0 {
-        return Err("--producers and --window must be positive".into());
-    }
+    args.load.check()?;
     let env = Environment::builder()
         .host(&args.host)
         .port(args.port)
@@ -187,26 +163,26 @@ async fn main() -> Result<(), BoxError> {
     let _ = env.delete_stream(&args.stream).await;
     env.stream_creator().create(&args.stream).await?;
     let replicas = replicas(args.port, &args.stream).await?;
-    let pool: Arc<Vec<Vec<u8>>> = Arc::new(peer_payloads(args.record_size, 1024));
+    let pool: Arc<Vec<Vec<u8>>> = Arc::new(peer_payloads(args.load.record_size, 1024));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for p in 0..args.producers {
-        let n = share(args.records, args.producers, p);
+    for p in 0..args.load.producers {
+        let n = share(args.load.records, args.load.producers, p);
         tasks.push(tokio::spawn(run_producer(
             env.clone(),
             args.stream.clone(),
             pool.clone(),
             Load {
                 records: n,
-                window: args.window,
+                window: args.load.window,
                 batch_size: args.batch_size,
                 batch_delay: Duration::from_millis(args.batch_delay_ms),
-                rate: (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
-                wake_gap: Duration::from_micros(args.wake_gap_us),
+                rate: args.load.producer_rate(),
+                wake_gap: args.load.wake_gap(),
             },
         )));
     }
-    let mut latencies = Vec::with_capacity(args.records as usize);
+    let mut latencies = Vec::with_capacity(args.load.records as usize);
     let mut failed = 0u64;
     let mut first_error = None;
     for t in tasks {
@@ -226,14 +202,14 @@ async fn main() -> Result<(), BoxError> {
         p999,
         ..
     } = Summary::of(confirmed, started, &mut latencies);
-    if args.json {
+    if args.load.json {
         println!(
             "{{\"records\":{confirmed},\"replicas\":{replicas},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
         );
     } else {
         println!(
             "{confirmed} records confirmed ({replicas} replicas besides the leader) in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
-            rate * args.record_size as f64 / 1e6
+            rate * args.load.record_size as f64 / 1e6
         );
     }
     let _ = env.delete_stream(&args.stream).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use clap::Parser;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, share, Summary};
+use sluice_peer_load::{peer_payloads, share, LoadArgs, Summary};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -21,33 +21,11 @@ struct Args {
     /// Stream (created fresh, file storage).
     #[arg(long, default_value = "bench")]
     stream: String,
-    /// Records to publish.
-    #[arg(long, default_value_t = 1_000_000)]
-    records: u64,
-    /// Bytes per record (half random-looking, half constant).
-    #[arg(long, default_value_t = 100)]
-    record_size: usize,
-    /// Publishes in flight awaiting their acks, per publisher.
-    #[arg(long, default_value_t = 1024)]
-    window: usize,
-    /// Concurrent publishers, each on its own connection, sharing the stream.
-    #[arg(long, default_value_t = 1)]
-    producers: u32,
-    /// Records per second across publishers (0: as fast as the window allows). Latency
-    /// is then timed from each record's scheduled send.
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
-    /// With --rate, the pacing thread wakes no sooner than this many µs after the last
-    /// record it sent fell due (as `sluice bench produce --wake-gap-us`); 0: as soon as
-    /// the next record is due.
-    #[arg(long, default_value_t = 0)]
-    wake_gap_us: u64,
     /// Replicas of the stream (3 needs a three-server cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -170,37 +148,36 @@ async fn publish(
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.producers == 0 || args.window == 0 {
-        return Err("--producers and --window must be positive".into());
-    }
+    args.load.check()?;
     let js = jetstream::new(async_nats::connect(&args.url).await?);
     let subject = format!("{}.data", args.stream);
     create_stream(&js, &args.stream, &subject, args.replicas).await?;
     let pool: Arc<Vec<bytes::Bytes>> = Arc::new(
-        peer_payloads(args.record_size, 1024)
+        peer_payloads(args.load.record_size, 1024)
             .into_iter()
             .map(bytes::Bytes::from)
             .collect(),
     );
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for p in 0..args.producers {
-        let n = share(args.records, args.producers, p);
+    for p in 0..args.load.producers {
+        let n = share(args.load.records, args.load.producers, p);
         tasks.push(tokio::spawn(publish(
             args.url.clone(),
             subject.clone(),
             pool.clone(),
             n,
-            args.window,
-            (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
-            Duration::from_micros(args.wake_gap_us),
+            args.load.window,
+            args.load.producer_rate(),
+            args.load.wake_gap(),
         )));
     }
-    let mut latencies = Vec::with_capacity(args.records as usize);
+    let mut latencies = Vec::with_capacity(args.load.records as usize);
     for t in tasks {
         latencies.extend(t.await??);
     }
-    Summary::of(args.records, started, &mut latencies).print_sent(args.record_size, args.json);
+    Summary::of(args.load.records, started, &mut latencies)
+        .print_sent(args.load.record_size, args.load.json);
     let _ = js.delete_stream(&args.stream).await;
     Ok(())
 }

@@ -5,12 +5,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use clap::Parser;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, share, Summary};
+use sluice_peer_load::{peer_payloads, share, LoadArgs, Summary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -25,30 +25,8 @@ struct Args {
     /// Stream key (deleted first).
     #[arg(long, default_value = "bench")]
     stream: String,
-    /// Records to append in all.
-    #[arg(long, default_value_t = 1_000_000)]
-    records: u64,
-    /// Bytes per record (half random-looking, half constant).
-    #[arg(long, default_value_t = 100)]
-    record_size: usize,
-    /// Commands in flight awaiting their replies, per producer.
-    #[arg(long, default_value_t = 1024)]
-    window: usize,
-    /// Records per second across producers (0: as fast as the window allows). Latency
-    /// is then timed from each record's scheduled send.
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
-    /// With --rate, the pacing thread wakes no sooner than this many µs after the last
-    /// record it sent fell due (as `sluice bench produce --wake-gap-us`); 0: as soon as
-    /// the next record is due.
-    #[arg(long, default_value_t = 0)]
-    wake_gap_us: u64,
-    /// Concurrent producers, each on its own connection, sharing the stream.
-    #[arg(long, default_value_t = 1)]
-    producers: u32,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -197,7 +175,7 @@ async fn produce(
     socket.set_nodelay(true)?;
     let (read, write) = socket.into_split();
     // Each write asks for at most the window's size (see below), so it always fits.
-    let window = Arc::new(Semaphore::new(args.window));
+    let window = Arc::new(Semaphore::new(args.load.window));
     let (sent_tx, sent_rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_replies(read, sent_rx, Arc::clone(&window), records));
     let mut sender = Sender {
@@ -208,7 +186,7 @@ async fn produce(
         sent: sent_tx,
         out: Vec::new(),
     };
-    let window_len = args.window as u64;
+    let window_len = args.load.window as u64;
     match rate {
         None => {
             let mut i = 0;
@@ -220,7 +198,7 @@ async fn produce(
         }
         Some(per_second) => {
             let runtime = tokio::runtime::Handle::current();
-            let gap = Duration::from_micros(args.wake_gap_us);
+            let gap = args.load.wake_gap();
             tokio::task::spawn_blocking(move || {
                 let schedule = Schedule::new(per_second).with_wake_gap(gap);
                 let mut i = 0;
@@ -264,27 +242,26 @@ async fn command(addr: &str, args: &[&[u8]]) -> Result<(), BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Arc::new(Args::parse());
-    if args.producers == 0 || args.window == 0 {
-        return Err("--producers and --window must be positive".into());
-    }
+    args.load.check()?;
     command(&args.addr, &[b"DEL", args.stream.as_bytes()]).await?;
-    let pool = Arc::new(peer_payloads(args.record_size, 1024));
+    let pool = Arc::new(peer_payloads(args.load.record_size, 1024));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for p in 0..args.producers {
-        let n = share(args.records, args.producers, p);
+    for p in 0..args.load.producers {
+        let n = share(args.load.records, args.load.producers, p);
         tasks.push(tokio::spawn(produce(
             Arc::clone(&args),
             Arc::clone(&pool),
             n,
-            (args.rate > 0).then(|| args.rate as f64 / f64::from(args.producers)),
+            args.load.producer_rate(),
         )));
     }
-    let mut latencies = Vec::with_capacity(args.records as usize);
+    let mut latencies = Vec::with_capacity(args.load.records as usize);
     for t in tasks {
         latencies.extend(t.await??);
     }
-    Summary::of(args.records, started, &mut latencies).print_sent(args.record_size, args.json);
+    Summary::of(args.load.records, started, &mut latencies)
+        .print_sent(args.load.record_size, args.load.json);
     Ok(())
 }
 
