@@ -1,8 +1,8 @@
 //! One controller's Raft node, on a thread of its own that owns its `RawNode`: it
 //! ticks, steps messages from peers, takes proposals (only while leader), persists and
-//! sends what each Ready holds, and applies committed commands to its state machine in order.
-//! Every `snapshot_after` applied entries the state machine is snapshotted and the log
-//! compacted; a follower too far behind is sent the snapshot.
+//! sends what each Ready holds, and applies committed commands to its state machine in
+//! order. Every `snapshot_after` applied entries the state machine is snapshotted and
+//! the log compacted; a follower too far behind is sent the snapshot.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
