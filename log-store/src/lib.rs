@@ -24,6 +24,8 @@ pub use batch::{
 pub use config::{FlushPolicy, LogConfig};
 pub use epochs::{EpochEntry, EpochHistory};
 pub use error::{Error, Result};
-pub use log::{AppendInfo, AppendOptions, BackgroundFlush, FlushDone, Log, OpenReport, Truncation};
+pub use log::{
+    AppendInfo, AppendOptions, BackgroundFlush, FlushDone, Log, OpenReport, Truncation, Writeback,
+};
 pub use manager::{LogManager, TopicPartition};
 pub use tail::TailView;

@@ -22,7 +22,7 @@ use crate::retention::{segments_to_delete, SegmentStats};
 use crate::segment::{now_ms, sync_dir, AppendFailure, OpenMode, Segment};
 use crate::tail::{TailAnchors, TailView};
 
-pub use crate::segment::Truncation;
+pub use crate::segment::{Truncation, Writeback};
 
 /// Name of the marker a clean close leaves in the partition folder.
 pub const CLEAN_SHUTDOWN_MARKER: &str = ".clean-shutdown";
@@ -483,16 +483,29 @@ impl Log {
         };
         if due && self.recovery_point < self.log_end_offset() {
             self.flush()?;
-        } else if matches!(self.config.flush, FlushPolicy::Interval(_)) {
+        } else if matches!(self.config.flush, FlushPolicy::Interval(_)) && !self.background_flush {
             // Under `Os` the kernel decides when to write back, as that policy says;
             // starting it early there measured slower and no better at p99.
-            self.active_mut().start_writeback();
+            if let Some(writeback) = self.active_mut().take_writeback() {
+                writeback.run();
+            }
         }
         Ok(())
     }
 
-    /// From now on `apply_flush_policy` leaves `FlushPolicy::Interval` flushes to the
-    /// owner, who starts them with `start_background_flush`.
+    /// Under `FlushPolicy::Interval` with flushes in the background: the early writeback
+    /// of the active segment's newest dirty pages, when enough have gathered, for the
+    /// owner to start away from the appends (`Writeback::run`) as it does the flush.
+    pub fn take_writeback(&mut self) -> Option<Writeback> {
+        if !self.background_flush || !matches!(self.config.flush, FlushPolicy::Interval(_)) {
+            return None;
+        }
+        self.active_mut().take_writeback()
+    }
+
+    /// From now on `apply_flush_policy` leaves `FlushPolicy::Interval` flushes and early
+    /// writeback to the owner, who takes them with `start_background_flush` and
+    /// `take_writeback`.
     pub fn flush_interval_in_background(&mut self) {
         self.background_flush = true;
     }

@@ -522,7 +522,7 @@ fn early_writeback_under_the_interval_policy_is_not_a_flush() {
     let mut config = LogConfig::default();
     config.flush = FlushPolicy::Interval(Duration::from_secs(3600));
     let mut log = Log::open(dir.path(), config).expect("open");
-    // Past the 8 MiB after which writeback of the tail is started.
+    // Well past the 1 MiB after which writeback of the tail is started.
     let mut appended = 0;
     while log.size_bytes() < 10 << 20 {
         log.append_deferred(&sized_batch(64, 1024, appended), opts())
@@ -534,6 +534,46 @@ fn early_writeback_under_the_interval_policy_is_not_a_flush() {
     assert_eq!(log.recovery_point(), 0);
     assert_eq!(log.log_end_offset(), appended as u64);
     assert_eq!(log.verify().expect("verify") as i64, appended / 64);
+}
+
+#[test]
+fn with_flushes_in_the_background_early_writeback_is_handed_to_the_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::Interval(Duration::from_secs(3600));
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.flush_interval_in_background();
+    let mut appended = 0;
+    let mut jobs = 0u64;
+    // A job once at least 1 MiB of new tail has gathered, and not before.
+    while log.size_bytes() < 8 << 20 {
+        log.append_deferred(&sized_batch(64, 1024, appended), opts())
+            .expect("append");
+        appended += 64;
+        log.apply_flush_policy().expect("policy");
+        if let Some(writeback) = log.take_writeback() {
+            jobs += 1;
+            std::thread::spawn(move || writeback.run())
+                .join()
+                .expect("writeback thread");
+        }
+    }
+    let mib = log.size_bytes() >> 20;
+    assert!(jobs <= mib && jobs >= mib / 2, "{jobs} jobs for {mib} MiB");
+    assert!(log.take_writeback().is_none(), "nothing new since the last");
+    assert_eq!(log.recovery_point(), 0, "writeback is not a flush");
+
+    // Under `os` the kernel alone decides.
+    let dir = tempfile::tempdir().expect("tempdir");
+    config.flush = FlushPolicy::Os;
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.flush_interval_in_background();
+    while log.size_bytes() < 10 << 20 {
+        log.append_deferred(&sized_batch(64, 1024, appended), opts())
+            .expect("append");
+        appended += 64;
+    }
+    assert!(log.take_writeback().is_none());
 }
 
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {

@@ -146,7 +146,14 @@ pub(super) async fn run(mut task: Task) {
                 }
                 None => None,
             };
-            (owned, changed.unwrap_or(config), after, background)
+            let writeback = owned.as_mut().and_then(|(log, _)| log.take_writeback());
+            (
+                owned,
+                changed.unwrap_or(config),
+                after,
+                background,
+                writeback,
+            )
         };
         let round = if inline {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(round))
@@ -156,7 +163,7 @@ pub(super) async fn run(mut task: Task) {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let (owned, config, after, background) = match round {
+        let (owned, config, after, background, writeback) = match round {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(partition = %task.tp, error = %e, "partition round failed");
@@ -172,6 +179,10 @@ pub(super) async fn run(mut task: Task) {
                 // The task may have stopped meanwhile; the fsync has still happened.
                 let _ = flushed_tx.send(flush.run());
             });
+        }
+        if let Some(writeback) = writeback {
+            // Off the task, as the flush: it may wait for the block layer.
+            tokio::task::spawn_blocking(move || writeback.run());
         }
         task.config = config;
         task.log = owned;
@@ -190,8 +201,8 @@ const INLINE_ROUND_BYTES: usize = 256 * 1024;
 /// another thread and back costs two wake-ups, more than such a round itself (on two
 /// CPUs about a quarter of the broker's CPU per produce request: docs/benchmarks.md).
 /// Everything that may wait on the disk (fsync, new segments, retention, reads that
-/// fault pages in) still goes to a blocking thread. Under `flush.policy=interval` a
-/// round may still start writeback (`sync_file_range`, which does not wait for it).
+/// fault pages in) still goes to a blocking thread, and so does early writeback under
+/// `flush.policy=interval` (`sync_file_range`, which may wait for the block layer).
 fn runs_inline(work: &Work, log: &Log, config: &TopicConfig) -> bool {
     let Work::Commands(cmds) = work else {
         // Taking a finished flush back is bookkeeping; ticks may fsync or delete.
