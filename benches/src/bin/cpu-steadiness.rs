@@ -5,8 +5,14 @@
 //! about the machine than about the program measured, so this is run beside latency
 //! benchmarks to tell the two apart.
 //!
+//! With `--wake-secs` it then also times wake-ups: a thread per CPU sleeps 100 µs over
+//! and over, and every wake-up that comes a millisecond or more late is counted. A
+//! stall of a few milliseconds is too short to slow a 20 ms window by half, but it is
+//! what a p99.9 of a latency benchmark is made of.
+//!
 //!   cpu-steadiness --secs 20                 # every CPU busy, nothing else running
 //!   cpu-steadiness --secs 8 --duty-percent 5 # alongside a benchmark, a light load
+//!   cpu-steadiness --secs 5 --wake-secs 5    # and the machine's late wake-ups
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +30,67 @@ struct Args {
     /// so it can run beside the program under test without taking much from it.
     #[arg(long, default_value_t = 100)]
     duty_percent: u32,
+    /// Afterwards, time wake-ups for this long (0: not at all).
+    #[arg(long, default_value_t = 0.0)]
+    wake_secs: f64,
+}
+
+/// How long each wake-up probe sleeps.
+const NAP: Duration = Duration::from_micros(100);
+/// A wake-up this much later than asked counts as late.
+const LATE: Duration = Duration::from_millis(1);
+
+/// Sleeps `NAP` over and over until `end`; returns the number of wake-ups and, for each
+/// late one, when it was due (from `epoch`) and how late it came.
+fn wake_ups(epoch: Instant, end: Instant) -> (u64, Vec<(Duration, Duration)>) {
+    let mut count = 0u64;
+    let mut late = Vec::new();
+    loop {
+        let asked = Instant::now();
+        if asked >= end {
+            return (count, late);
+        }
+        std::thread::sleep(NAP);
+        count += 1;
+        let over = asked.elapsed().saturating_sub(NAP);
+        if over >= LATE {
+            late.push((asked + NAP - epoch, over));
+        }
+    }
+}
+
+/// Runs the wake-up probe on `threads` threads and prints what it found.
+fn report_wake_ups(threads: usize, secs: f64) {
+    let epoch = Instant::now();
+    let end = epoch + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| std::thread::spawn(move || wake_ups(epoch, end)))
+        .collect();
+    let mut total = 0u64;
+    let mut late: Vec<(Duration, Duration)> = Vec::new();
+    for (n, l) in handles.into_iter().filter_map(|h| h.join().ok()) {
+        total += n;
+        late.extend(l);
+    }
+    late.sort_unstable();
+    let latest = late.iter().map(|l| l.1).max().unwrap_or_default();
+    println!(
+        "{threads} threads sleeping {} us at a time for {secs:.1} s: {} of {total} wake-ups \
+         came {} ms or more late ({:.1} a second), the latest by {:.2} ms",
+        NAP.as_micros(),
+        late.len(),
+        LATE.as_millis(),
+        late.len() as f64 / secs,
+        latest.as_secs_f64() * 1e3,
+    );
+    let when: Vec<String> = late
+        .iter()
+        .take(30)
+        .map(|(at, over)| format!("{:.2}s+{:.1}ms", at.as_secs_f64(), over.as_secs_f64() * 1e3))
+        .collect();
+    if !when.is_empty() {
+        println!("late: {}", when.join(" "));
+    }
 }
 
 /// Window over which piece times are summarized.
@@ -133,5 +200,8 @@ fn main() {
         .collect();
     if !starts.is_empty() {
         println!("episodes: {}", starts.join(" "));
+    }
+    if args.wake_secs > 0.0 {
+        report_wake_ups(threads, args.wake_secs);
     }
 }
