@@ -106,7 +106,7 @@ const WRITEBACK_CHUNK: u64 = 1 << 20;
 
 /// Writeback started early for a range of a segment, on its own handle to the file.
 /// Starting it does not wait for the disk, but it may wait for the block layer to
-/// take the requests and for the file system to place the blocks (1.0-1.9 ms for 8 MiB
+/// take the requests and for the file system to place the blocks (1-4.5 ms for 8 MiB
 /// measured on a small machine), so the caller chooses the thread.
 #[derive(Debug)]
 pub struct Writeback {
