@@ -14,13 +14,12 @@
 //!   returns, *before* processing. A crash then loses the records being processed, but
 //!   never delivers one twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_log_store::{BatchIter, Header};
-use sluice_proto::v1::fetch_service_client::FetchServiceClient;
 use sluice_proto::v1::group_service_client::GroupServiceClient;
 use sluice_proto::v1::{CommitOffsetsRequest, FetchOffsetsRequest, OffsetCommit};
 use sluice_proto::v1::{FetchPartition, FetchRequest, FetchResponse};
@@ -28,8 +27,9 @@ use sluice_proto::ErrorReason;
 use tonic::transport::Channel;
 
 use crate::admin::{to_i32, Admin, OffsetSpec};
-use crate::connection::{connect_first, MAX_MESSAGE_BYTES};
+use crate::connection::connect_first;
 use crate::error::{ClientError, Result};
+use crate::fetch_stream::Streams;
 use crate::group::{at_coordinator, to_wire, Membership};
 use crate::routes::Routes;
 
@@ -131,31 +131,8 @@ pub struct Consumer {
     positions: BTreeMap<TopicPartition, Option<u64>>,
     /// High watermarks seen in the last fetch.
     high_watermarks: BTreeMap<TopicPartition, u64>,
-    /// The next fetch, sent while the caller works through the last one's records.
-    prefetch: Option<Prefetch>,
-}
-
-/// A fetch in flight and the positions it asked for; used only if they are still the
-/// consumer's positions when it is wanted (a seek or assign makes it stale).
-#[derive(Debug)]
-struct Prefetch {
-    positions: Vec<(TopicPartition, u64)>,
-    handle: tokio::task::JoinHandle<Answers>,
-}
-
-/// Each broker's answer to its share of one fetch.
-type Answers = Vec<(String, std::result::Result<FetchResponse, tonic::Status>)>;
-
-/// One fetch per broker, sent together.
-async fn fetch_from(requests: Vec<(String, Channel, FetchRequest)>) -> Answers {
-    let calls = requests
-        .into_iter()
-        .map(|(addr, channel, request)| async move {
-            let mut client =
-                FetchServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-            (addr, client.fetch(request).await.map(|r| r.into_inner()))
-        });
-    futures_util::future::join_all(calls).await
+    /// One fetch call per broker, answered as records arrive.
+    streams: Streams,
 }
 
 /// A fetch's answer, decoded.
@@ -168,37 +145,6 @@ struct Fetched {
     out_of_range: Vec<TopicPartition>,
     /// Partitions the broker asked does not lead, with the leader it named.
     not_led: Vec<(TopicPartition, Option<String>)>,
-}
-
-/// Where each partition of `want` will be after `resp`, read from its batch headers
-/// alone; `None` when the answer moved nothing or carries an error (then there is
-/// nothing to prefetch, or the error must be handled first).
-fn positions_after(
-    resp: &FetchResponse,
-    want: &[(TopicPartition, u64)],
-) -> Option<Vec<(TopicPartition, u64)>> {
-    let mut next = want.to_vec();
-    let mut moved = false;
-    for p in &resp.partitions {
-        if p.error.is_some() {
-            return None;
-        }
-        let tp = (p.topic.clone(), p.partition.max(0) as u32);
-        let Ok(i) = next.binary_search_by(|(t, _)| t.cmp(&tp)) else {
-            continue;
-        };
-        let last = BatchIter::new(p.records.clone())
-            .map_while(std::result::Result::ok)
-            .last();
-        if let Some(batch) = last {
-            let after = batch.header().last_offset() + 1;
-            if after > next[i].1 {
-                next[i].1 = after;
-                moved = true;
-            }
-        }
-    }
-    moved.then_some(next)
 }
 
 /// Checks and decodes a fetch's batches, keeping records at or after each partition's
@@ -269,14 +215,6 @@ fn decode(
     Ok(fetched)
 }
 
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        if let Some(p) = self.prefetch.take() {
-            p.handle.abort();
-        }
-    }
-}
-
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
@@ -303,7 +241,7 @@ impl Consumer {
             config,
             positions: BTreeMap::new(),
             high_watermarks: BTreeMap::new(),
-            prefetch: None,
+            streams: Streams::new(),
         })
     }
 
@@ -464,9 +402,7 @@ impl Consumer {
     /// Commits (with auto-commit on) and leaves the group, so its partitions move to the
     /// other members at once rather than after the session timeout.
     pub async fn close(mut self) -> Result<()> {
-        if let Some(p) = self.prefetch.take() {
-            p.handle.abort();
-        }
+        self.streams.clear();
         let committed = if self.membership.is_some() && self.config.enable_auto_commit {
             self.commit_sync().await
         } else {
@@ -752,9 +688,7 @@ impl Consumer {
                     m.rejoin();
                 }
                 self.positions.clear();
-                if let Some(p) = self.prefetch.take() {
-                    p.handle.abort();
-                }
+                self.streams.clear();
                 Ok(Vec::new())
             }
             other => other,
@@ -772,42 +706,37 @@ impl Consumer {
             self.reset(unknown).await?;
         }
         if self.positions.is_empty() {
+            self.streams.clear();
             tokio::time::sleep(timeout).await;
             return Ok(Vec::new());
         }
-        let want = self.wanted();
-        let answers = match self.prefetch.take() {
-            Some(mut p) if p.positions == want => {
-                match tokio::time::timeout(timeout, &mut p.handle).await {
-                    Ok(joined) => {
-                        joined.map_err(|e| ClientError::Batch(format!("fetch task: {e}")))?
-                    }
-                    Err(_) => {
-                        // Still long-polling: keep it for the next poll.
-                        self.prefetch = Some(p);
-                        return Ok(Vec::new());
-                    }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let requests = self.requests(&self.wanted(), self.config.fetch_max_wait)?;
+        let leaders: BTreeSet<String> = requests.iter().map(|(a, _, _)| a.clone()).collect();
+        self.streams.retain(&leaders);
+        for (addr, channel, request) in requests {
+            self.streams.ask(&addr, channel, request);
+        }
+        let Some((addr, answer)) = self.streams.next(deadline).await else {
+            return Ok(Vec::new());
+        };
+        let (resp, want) = match answer {
+            Ok(answered) => answered,
+            Err(status) => {
+                let err = ClientError::from(status);
+                if err.reason().is_none() && err.is_retriable() {
+                    // Its partitions are asked elsewhere next time.
+                    tracing::debug!(broker = %addr, error = %err, "fetch failed; routing around it");
+                    self.routes.down(&addr);
+                    tokio::time::sleep_until(
+                        deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                    )
+                    .await;
+                    return Ok(Vec::new());
                 }
-            }
-            stale => {
-                if let Some(p) = stale {
-                    p.handle.abort();
-                }
-                let requests = self.requests(&want, timeout.min(self.config.fetch_max_wait))?;
-                fetch_from(requests).await
+                return Err(err);
             }
         };
-        let resp = self.merge(answers).await?;
-        if let Some(next) = positions_after(&resp, &want) {
-            // Catching up: send the next fetch before decoding this one, so the broker and
-            // the network work while this answer is decoded and processed (Kafka's
-            // consumer prefetches the same way).
-            let requests = self.requests(&next, self.config.fetch_max_wait)?;
-            self.prefetch = Some(Prefetch {
-                positions: next,
-                handle: tokio::spawn(fetch_from(requests)),
-            });
-        }
         let fetched = decode(resp, &want, self.config.auto_offset_reset)?;
         let redirected = !fetched.not_led.is_empty();
         for (tp, leader) in &fetched.not_led {
@@ -875,36 +804,10 @@ impl Consumer {
                     min_bytes: self.config.fetch_min_bytes,
                     max_bytes: self.config.fetch_max_bytes,
                     member,
+                    request_id: 0,
                 },
             ));
         }
         Ok(out)
-    }
-
-    /// One response from every broker's answer. A broker that cannot be reached loses
-    /// its routes (its partitions are asked elsewhere next time); any other failure is
-    /// the caller's.
-    async fn merge(&mut self, answers: Answers) -> Result<FetchResponse> {
-        let mut merged = FetchResponse::default();
-        let mut unreachable = false;
-        for (addr, answer) in answers {
-            match answer {
-                Ok(r) => merged.partitions.extend(r.partitions),
-                Err(status) => {
-                    let err = ClientError::from(status);
-                    if err.reason().is_none() && err.is_retriable() {
-                        tracing::debug!(broker = %addr, error = %err, "fetch failed; routing around it");
-                        self.routes.down(&addr);
-                        unreachable = true;
-                    } else {
-                        return Err(err);
-                    }
-                }
-            }
-        }
-        if unreachable && merged.partitions.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(merged)
     }
 }

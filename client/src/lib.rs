@@ -15,6 +15,7 @@ pub mod admin;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+mod fetch_stream;
 mod group;
 pub mod pace;
 pub mod producer;

@@ -171,6 +171,7 @@ pub async fn read_all(addr: &str, topic: &str, p: i32) -> Vec<(u64, String)> {
                 min_bytes: 0,
                 max_bytes: 0,
                 member: None,
+                request_id: 0,
             })
             .await
             .expect("fetch")

@@ -184,6 +184,7 @@ async fn an_idle_long_poll_waits_its_time_and_returns_empty() {
             min_bytes: 1,
             max_bytes: 0,
             member: None,
+            request_id: 0,
         })
         .await
         .expect("fetch")
@@ -341,6 +342,7 @@ async fn every_error_reason_comes_from_a_real_request() {
             min_bytes: 1,
             max_bytes: 0,
             member: None,
+            request_id: 0,
         })
         .await
         .expect("fetch")
@@ -366,6 +368,117 @@ async fn every_error_reason_comes_from_a_real_request() {
     let d = admin.describe_topic("strict").await.expect("describe");
     assert_eq!(d.partitions[0].log_end_offset, 0, "nothing half-written");
     broker.stop().await;
+}
+
+/// The next answer on a fetch stream, within 10 s.
+async fn next_answer(
+    answers: &mut tonic::Streaming<sluice_proto::v1::FetchResponse>,
+    what: &str,
+) -> sluice_proto::v1::FetchResponse {
+    tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: an answer within 10 s"))
+        .expect("the stream stays up")
+        .unwrap_or_else(|| panic!("{what}: the stream ended"))
+}
+
+/// `FetchStream` goes on from where each answer ended without being asked again, a
+/// new request replaces the positions (its answers name it), an error stops the
+/// answers until the client asks anew, and the call ends cleanly when the client does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_stream_answers_as_records_arrive_and_follows_the_latest_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("live", 1))
+        .await
+        .expect("create");
+    let mut produce = ProduceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let produce_batch = |n: u32| ProduceRequest {
+        topic: "live".into(),
+        partition: 0,
+        records: batch(n, 10),
+        acks: WireAcks::Leader as i32,
+        timeout_ms: 0,
+    };
+    let ask = |id: u64, offset: i64| FetchRequest {
+        partitions: vec![FetchPartition {
+            topic: "live".into(),
+            partition: 0,
+            fetch_offset: offset,
+            partition_max_bytes: 0,
+        }],
+        max_wait_ms: 200,
+        min_bytes: 1,
+        max_bytes: 0,
+        member: None,
+        request_id: id,
+    };
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    let outbound = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut fetch = FetchServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    requests.send(ask(1, 0)).await.expect("ask");
+    let mut answers = fetch
+        .fetch_stream(outbound)
+        .await
+        .expect("stream opens")
+        .into_inner();
+    // The base offsets of the batches an answer holds.
+    let first_offset = |r: &sluice_proto::v1::FetchResponse| -> Vec<u64> {
+        sluice_log_store::BatchIter::new(r.partitions[0].records.clone())
+            .map(|b| b.expect("a whole batch").header().base_offset)
+            .collect()
+    };
+
+    // Nothing yet: the call waits (empty answers are not sent) until records arrive,
+    // then each answer goes on from the last without another request.
+    for (n, base) in [(3, 0), (2, 3), (4, 5)] {
+        produce.produce(produce_batch(n)).await.expect("produce");
+        let answer = next_answer(&mut answers, "after a produce").await;
+        assert_eq!(answer.request_id, 1);
+        assert_eq!(first_offset(&answer), vec![base], "no gap and no repeat");
+        assert!(answer.partitions[0].error.is_none());
+    }
+
+    // A new request replaces the positions; its answers carry its id.
+    requests.send(ask(2, 3)).await.expect("ask again");
+    let answer = next_answer(&mut answers, "after a new request").await;
+    assert_eq!(answer.request_id, 2);
+    assert_eq!(first_offset(&answer), vec![3, 5]);
+
+    // An error is answered, and then nothing more until the client asks anew.
+    requests.send(ask(3, 99)).await.expect("ask out of range");
+    let answer = next_answer(&mut answers, "out of range").await;
+    assert_eq!(answer.request_id, 3);
+    let error = answer.partitions[0].error.clone().expect("an error");
+    assert_eq!(
+        ClientError::from(&error).reason(),
+        Some(ErrorReason::OffsetOutOfRange)
+    );
+    produce.produce(produce_batch(1)).await.expect("produce");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), answers.message())
+            .await
+            .is_err(),
+        "no answer after an error until asked"
+    );
+    requests.send(ask(4, 9)).await.expect("ask from the end");
+    let answer = next_answer(&mut answers, "after the error").await;
+    assert_eq!(answer.request_id, 4);
+    assert_eq!(first_offset(&answer), vec![9]);
+
+    // The client is done asking: the call ends with an OK status.
+    drop(requests);
+    let end = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("the end within 10 s");
+    assert!(matches!(end, Ok(None)), "a clean end, got {end:?}");
 }
 
 /// The broker reads produce streams from the HTTP/2 frames itself; a stock gRPC client
@@ -538,7 +651,7 @@ async fn producers_create_topics_only_where_the_broker_allows_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seek_discards_the_prefetched_fetch() {
+async fn a_seek_discards_the_answers_sent_before_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = InProcessBroker::start(dir.path(), |_| {}).await;
     let addr = broker.address();
@@ -562,7 +675,8 @@ async fn a_seek_discards_the_prefetched_fetch() {
     }
     producer.flush().await.expect("flush");
     let mut consumer = Consumer::connect(ConsumerConfig {
-        // Small fetches: the first poll cannot reach the end, so a prefetch is in flight.
+        // Small fetches: the first poll cannot reach the end, so the broker is still
+        // streaming answers from there when the seek comes.
         max_partition_fetch_bytes: 4096,
         ..consumer_config(&addr)
     })

@@ -13,6 +13,7 @@ use sluice_proto::v1::{
     offset_query, FetchPartitionResponse, FetchRequest, FetchResponse, ListOffsetsRequest,
     ListOffsetsResponse, OffsetAnswer,
 };
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codegen::{http, BoxFuture};
@@ -21,11 +22,14 @@ use tonic::{Request, Response, Status};
 
 use sluice_proto::wire::{bytes_field_len, field_overhead, Pieces};
 
-use super::framing::{is_call, respond, serve_unary, Handler, Intercept};
+use super::framing::{
+    is_call, respond, respond_stream, serve_unary, Handler, Intercept, MessageReader,
+};
 use super::{partition_number, to_error, Context};
 use crate::error::BrokerError;
 use crate::partition::{OffsetSpec, PartitionHandle};
 use crate::MAX_MESSAGE_BYTES;
+use sluice_log_store::BatchIter;
 
 /// Longest a fetch may wait, whatever it asks.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -73,13 +77,107 @@ impl Handler for FetchCalls {
     const NAME: &'static str = <FetchServiceServer<FetchSvc> as NamedService>::NAME;
 
     fn takes(&self, req: &http::Request<Body>) -> bool {
-        is_call(req, Self::NAME, "Fetch")
+        is_call(req, Self::NAME, "Fetch") || is_call(req, Self::NAME, "FetchStream")
     }
 
     fn serve(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
         let svc = self.svc.clone();
+        if is_call(&req, Self::NAME, "FetchStream") {
+            return Box::pin(async move {
+                Ok(match MessageReader::of_request(req) {
+                    Ok(requests) => {
+                        let (tx, rx) = mpsc::channel(STREAM_AHEAD);
+                        tokio::spawn(stream_answers(svc, requests, tx));
+                        respond_stream(rx)
+                    }
+                    Err(status) => status.into_http(),
+                })
+            });
+        }
         let call = move |r: FetchRequest| async move { svc.fetch(Request::new(r)).await };
         serve_unary(req, call, fetch_answer)
+    }
+}
+
+/// Answers of a `FetchStream` call written ahead of the socket: one is prepared while
+/// the last goes out, and HTTP/2's flow control holds the rest back.
+const STREAM_AHEAD: usize = 1;
+
+/// What woke a `FetchStream` call's loop.
+enum Woke {
+    Asked(Result<Option<super::framing::Message>, Status>),
+    Answered(Result<Response<FetchResponse>, Status>),
+    Stopped,
+}
+
+/// Serves one `FetchStream` call: answers the latest request as `Fetch` does, then
+/// again from where that answer ended, sending only answers with records or errors,
+/// until the client stops asking, goes away, or the broker stops.
+async fn stream_answers(
+    svc: FetchSvc,
+    mut requests: MessageReader<Body>,
+    answers: mpsc::Sender<Result<Pieces, Status>>,
+) {
+    let mut current: Option<FetchRequest> = None;
+    loop {
+        // A request that arrives while the last is long-polling replaces it; dropping
+        // the poll loses nothing, as it has sent nothing.
+        let asked = current.clone().unwrap_or_default();
+        let woke = tokio::select! {
+            biased;
+            () = svc.ctx.stopped() => Woke::Stopped,
+            () = answers.closed() => return,
+            m = requests.next() => Woke::Asked(m),
+            a = svc.fetch(Request::new(asked)), if current.is_some() => Woke::Answered(a),
+        };
+        let failed = match woke {
+            Woke::Stopped | Woke::Asked(Ok(None)) => return,
+            Woke::Asked(Ok(Some(message))) => match FetchRequest::decode(message) {
+                Ok(mut request) => {
+                    // Empty answers are never sent, so a wait of 0 would only spin.
+                    if request.max_wait_ms == 0 {
+                        request.max_wait_ms = MAX_WAIT.as_millis() as u32;
+                    }
+                    // Nothing to read: wait for a request that names something.
+                    current = (!request.partitions.is_empty()).then_some(request);
+                    continue;
+                }
+                Err(e) => Status::invalid_argument(format!("invalid request: {e}")),
+            },
+            Woke::Asked(Err(status)) | Woke::Answered(Err(status)) => status,
+            Woke::Answered(Ok(response)) => {
+                let mut response = response.into_inner();
+                let Some(request) = current.as_mut() else {
+                    continue;
+                };
+                let id = request.request_id;
+                let moved = advance(request, &response);
+                let records = response.partitions.iter().any(|p| !p.records.is_empty());
+                if response.partitions.iter().any(|p| p.error.is_some()) {
+                    // The client must act on the error (reset, reroute) and ask anew.
+                    current = None;
+                } else if !moved && records {
+                    // Records that move no position (none whole): asking for them again
+                    // would only spin, so the client sees them and asks anew.
+                    current = None;
+                } else if !moved {
+                    // The wait ran out with nothing new: poll again, silently.
+                    continue;
+                }
+                response.request_id = id;
+                match answer_pieces(response) {
+                    Ok(pieces) => {
+                        if answers.send(Ok(pieces)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(status) => status,
+                }
+            }
+        };
+        let _ = answers.send(Err(failed)).await;
+        return;
     }
 }
 
@@ -88,8 +186,44 @@ const PARTITIONS_FIELD: u32 = 1;
 /// `FetchPartitionResponse.records`'s field number.
 const RECORDS_FIELD: u32 = 5;
 
+/// Moves each partition of `request` past the last batch `response` gave it (the two
+/// list the same partitions in the same order); whether any moved.
+fn advance(request: &mut FetchRequest, response: &FetchResponse) -> bool {
+    let mut moved = false;
+    for (asked, got) in request.partitions.iter_mut().zip(&response.partitions) {
+        if got.error.is_some() || got.records.is_empty() {
+            continue;
+        }
+        let last = BatchIter::new(got.records.clone())
+            .map_while(std::result::Result::ok)
+            .last();
+        if let Some(batch) = last {
+            let after =
+                i64::try_from(batch.header().last_offset().saturating_add(1)).unwrap_or(i64::MAX);
+            if after > asked.fetch_offset {
+                asked.fetch_offset = after;
+                moved = true;
+            }
+        }
+    }
+    moved
+}
+
 /// A fetch's answer on the wire, each partition's records by reference.
 fn fetch_answer(response: FetchResponse) -> http::Response<Body> {
+    match answer_pieces(response) {
+        Ok(out) => respond(out),
+        Err(status) => status.into_http(),
+    }
+}
+
+/// A fetch's answer as one gRPC message, each partition's records by reference.
+fn answer_pieces(response: FetchResponse) -> Result<Pieces, Status> {
+    // The fields besides the partitions, written after them (field order is free).
+    let rest = FetchResponse {
+        partitions: Vec::new(),
+        request_id: response.request_id,
+    };
     let parts: Vec<(FetchPartitionResponse, bytes::Bytes, usize)> = response
         .partitions
         .into_iter()
@@ -102,17 +236,16 @@ fn fetch_answer(response: FetchResponse) -> http::Response<Body> {
     let total = parts
         .iter()
         .map(|(_, _, len)| field_overhead(PARTITIONS_FIELD, *len) + len)
-        .sum();
-    let mut out = match Pieces::new(total) {
-        Ok(out) => out,
-        Err(status) => return status.into_http(),
-    };
+        .sum::<usize>()
+        + rest.encoded_len();
+    let mut out = Pieces::new(total)?;
     for (p, records, len) in parts {
         out.field_start(PARTITIONS_FIELD, len);
         out.encoded(&p);
         out.bytes_field(RECORDS_FIELD, records);
     }
-    respond(out)
+    out.encoded(&rest);
+    Ok(out)
 }
 
 fn lookup(ctx: &Context, topic: &str, partition: i32) -> Result<PartitionHandle, BrokerError> {
@@ -124,6 +257,17 @@ fn lookup(ctx: &Context, topic: &str, partition: i32) -> Result<PartitionHandle,
 
 #[tonic::async_trait]
 impl FetchService for FetchSvc {
+    // `FetchStream` is served by `FetchCalls` (`stream_answers`) before tonic's server
+    // sees it; this stands in for the trait only.
+    type FetchStreamStream = futures_util::stream::Empty<Result<FetchResponse, Status>>;
+
+    async fn fetch_stream(
+        &self,
+        _request: Request<tonic::Streaming<FetchRequest>>,
+    ) -> Result<Response<Self::FetchStreamStream>, Status> {
+        Err(Status::internal("FetchStream is routed to its own handler"))
+    }
+
     async fn fetch(
         &self,
         request: Request<FetchRequest>,
@@ -223,7 +367,10 @@ impl FetchService for FetchSvc {
                 out.push(resp);
             }
             if total >= min_bytes || any_error || watches.is_empty() || Instant::now() >= deadline {
-                return Ok(Response::new(FetchResponse { partitions: out }));
+                return Ok(Response::new(FetchResponse {
+                    partitions: out,
+                    request_id: 0,
+                }));
             }
             // Wait for any partition's offsets to move, or the deadline.
             let changes = watches
@@ -234,7 +381,10 @@ impl FetchService for FetchSvc {
                 _ = select_all(changes) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
                 () = self.ctx.stopped() => {
-                    return Ok(Response::new(FetchResponse { partitions: out }));
+                    return Ok(Response::new(FetchResponse {
+                    partitions: out,
+                    request_id: 0,
+                }));
                 }
             }
         }
@@ -312,6 +462,8 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            // Written after the partitions' records: it must still decode.
+            request_id: 7,
         };
         let mut body = fetch_answer(response.clone()).into_body();
         let mut wire = Vec::new();

@@ -360,6 +360,67 @@ pub(crate) fn respond(answer: Pieces) -> http::Response<Body> {
     response
 }
 
+/// A streaming call's answers as they come from `answers`, then its trailers: OK once
+/// the sender is gone, or the status an answer's place holds.
+pub(crate) fn respond_stream(
+    answers: tokio::sync::mpsc::Receiver<Result<Pieces, Status>>,
+) -> http::Response<Body> {
+    let body = Streamed {
+        answers,
+        chunks: VecDeque::new(),
+        ended: false,
+    };
+    let mut response = http::Response::new(Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// A body of answers arriving over a channel, each sent as its chunks.
+struct Streamed {
+    answers: tokio::sync::mpsc::Receiver<Result<Pieces, Status>>,
+    chunks: VecDeque<Bytes>,
+    ended: bool,
+}
+
+impl HttpBody for Streamed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        loop {
+            if let Some(chunk) = self.chunks.pop_front() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            let status = match std::task::ready!(self.answers.poll_recv(cx)) {
+                Some(Ok(answer)) => {
+                    self.chunks = answer.into_chunks();
+                    continue;
+                }
+                Some(Err(status)) => status,
+                None => Status::ok(""),
+            };
+            self.ended = true;
+            // A status as an answer's headers holds exactly what its trailers must.
+            let mut trailers = status.into_http::<Body>().into_parts().0.headers;
+            trailers.remove(http::header::CONTENT_TYPE);
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.chunks.is_empty()
+    }
+}
+
 /// A body of data chunks, then trailers.
 struct Chunks {
     chunks: VecDeque<Bytes>,
