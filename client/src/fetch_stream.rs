@@ -53,8 +53,8 @@ pub(crate) struct Streams {
     rx: mpsc::Receiver<Answer>,
 }
 
-/// An answer to the request it follows, as `want` for the consumer's decoding: each of
-/// the request's partitions with the offset asked for.
+/// What an answer's request asked for, as the consumer's decoding wants it: each
+/// partition with the offset asked for, in the request's (sorted) order.
 pub(crate) type Asked = Vec<((String, u32), u64)>;
 
 impl Streams {
@@ -81,15 +81,12 @@ impl Streams {
         let id = self.next_id;
         let expect = request.clone();
         request.request_id = id;
-        let sent = self.open.get_mut(addr).is_some_and(|open| {
-            open.requests.try_send(request.clone()).is_ok() && {
+        if let Some(open) = self.open.get_mut(addr) {
+            if open.requests.try_send(request.clone()).is_ok() {
                 open.id = id;
-                open.expect = Some(expect.clone());
-                true
+                open.expect = Some(expect);
+                return;
             }
-        });
-        if sent {
-            return;
         }
         // No call yet, or one that can take no more: start afresh.
         self.close(addr);
