@@ -191,12 +191,8 @@ impl Drop for Streams {
 /// moves it (the two list the same partitions in the same order).
 fn advanced(mut request: FetchRequest, response: &FetchResponse) -> FetchRequest {
     for (asked, got) in request.partitions.iter_mut().zip(&response.partitions) {
-        let last = BatchIter::new(got.records.clone())
-            .map_while(std::result::Result::ok)
-            .last();
-        if let Some(batch) = last {
-            let after =
-                i64::try_from(batch.header().last_offset().saturating_add(1)).unwrap_or(i64::MAX);
+        if let Some(end) = BatchIter::end_offset(&got.records) {
+            let after = i64::try_from(end).unwrap_or(i64::MAX);
             asked.fetch_offset = asked.fetch_offset.max(after);
         }
     }

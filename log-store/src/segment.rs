@@ -613,7 +613,7 @@ impl Segment {
         }
         let offset = libc::off64_t::try_from(self.writeback_from).ok()?;
         let nbytes = libc::off64_t::try_from(len).ok()?;
-        let file = self.file.try_clone().ok()?;
+        let file = self.clone_file().ok()?;
         self.writeback_from = self.size;
         Some(Writeback {
             file,

@@ -191,15 +191,11 @@ const RECORDS_FIELD: u32 = 5;
 fn advance(request: &mut FetchRequest, response: &FetchResponse) -> bool {
     let mut moved = false;
     for (asked, got) in request.partitions.iter_mut().zip(&response.partitions) {
-        if got.error.is_some() || got.records.is_empty() {
+        if got.error.is_some() {
             continue;
         }
-        let last = BatchIter::new(got.records.clone())
-            .map_while(std::result::Result::ok)
-            .last();
-        if let Some(batch) = last {
-            let after =
-                i64::try_from(batch.header().last_offset().saturating_add(1)).unwrap_or(i64::MAX);
+        if let Some(end) = BatchIter::end_offset(&got.records) {
+            let after = i64::try_from(end).unwrap_or(i64::MAX);
             if after > asked.fetch_offset {
                 asked.fetch_offset = after;
                 moved = true;

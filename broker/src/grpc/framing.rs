@@ -348,11 +348,15 @@ async fn read_unary<M: prost::Message + Default>(req: http::Request<Body>) -> Re
 pub(crate) fn respond(answer: Pieces) -> http::Response<Body> {
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let body = Chunks {
+    grpc_response(Body::new(Chunks {
         chunks: answer.into_chunks(),
         trailers: Some(trailers),
-    };
-    let mut response = http::Response::new(Body::new(body));
+    }))
+}
+
+/// A gRPC answer with `body`.
+fn grpc_response(body: Body) -> http::Response<Body> {
+    let mut response = http::Response::new(body);
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -365,17 +369,11 @@ pub(crate) fn respond(answer: Pieces) -> http::Response<Body> {
 pub(crate) fn respond_stream(
     answers: tokio::sync::mpsc::Receiver<Result<Pieces, Status>>,
 ) -> http::Response<Body> {
-    let body = Streamed {
+    grpc_response(Body::new(Streamed {
         answers,
         chunks: VecDeque::new(),
         ended: false,
-    };
-    let mut response = http::Response::new(Body::new(body));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    response
+    }))
 }
 
 /// A body of answers arriving over a channel, each sent as its chunks.

@@ -410,6 +410,15 @@ impl BatchIter {
     pub fn new(bytes: Bytes) -> Self {
         BatchIter { rest: bytes }
     }
+
+    /// The offset after the last whole batch at the front of `bytes`, where a read of
+    /// what follows them starts; `None` when they hold no whole batch.
+    pub fn end_offset(bytes: &Bytes) -> Option<u64> {
+        BatchIter::new(bytes.clone())
+            .map_while(std::result::Result::ok)
+            .last()
+            .map(|b| b.header().last_offset().saturating_add(1))
+    }
 }
 
 impl Iterator for BatchIter {

@@ -266,6 +266,22 @@ fn batch_iter_walks_back_to_back_batches() {
     assert!(res.is_err());
 }
 
+#[test]
+fn end_offset_is_after_the_last_whole_batch() {
+    let mut a = sample(Compression::None, 3).to_vec();
+    set_base_offset(&mut a, 10);
+    let mut b = sample(Compression::None, 4).to_vec();
+    set_base_offset(&mut b, 13);
+    let mut all = a.clone();
+    all.extend_from_slice(&b);
+    assert_eq!(BatchIter::end_offset(&Bytes::from(all.clone())), Some(17));
+    // A cut-off batch after a whole one: the whole one's end.
+    all.truncate(all.len() - 1);
+    assert_eq!(BatchIter::end_offset(&Bytes::from(all)), Some(13));
+    assert_eq!(BatchIter::end_offset(&Bytes::new()), None);
+    assert_eq!(BatchIter::end_offset(&Bytes::from(a[..20].to_vec())), None);
+}
+
 mod prop {
     use super::*;
     use proptest::prelude::*;
