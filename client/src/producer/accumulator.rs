@@ -128,6 +128,26 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The clock as a run of appends sees it: each reading taken at most once per run, so
+/// the records of one run count as appended at the same moment.
+#[derive(Default)]
+struct RunClock {
+    /// Wall-clock ms, to stamp records that carry no timestamp.
+    ms: Option<i64>,
+    /// For linger deadlines.
+    instant: Option<Instant>,
+}
+
+impl RunClock {
+    fn ms(&mut self) -> i64 {
+        *self.ms.get_or_insert_with(now_ms)
+    }
+
+    fn instant(&mut self) -> Instant {
+        *self.instant.get_or_insert_with(Instant::now)
+    }
+}
+
 impl std::fmt::Debug for Accumulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Accumulator")
@@ -188,7 +208,7 @@ impl Accumulator {
         if queue.buffered >= self.config.buffer_memory {
             return TryAppend::Blocked(record, Blocked::BufferFull);
         }
-        TryAppend::Done(self.append_to(info, queue, record, &mut None))
+        TryAppend::Done(self.append_to(info, queue, record, &mut RunClock::default()))
     }
 
     /// Appends records under one lock, looking their topic up again only when it
@@ -202,8 +222,8 @@ impl Accumulator {
         let mut guard = self.lock();
         let State { topics, queue, .. } = &mut *guard;
         let mut current: Option<&mut TopicInfo> = None;
-        // One clock read stamps the whole run, as if sent in the same millisecond.
-        let mut now = None;
+        // One clock read stamps the whole run, as if sent in the same moment.
+        let mut now = RunClock::default();
         for record in records {
             if queue.buffered >= self.config.buffer_memory {
                 return Some((record, Blocked::BufferFull));
@@ -245,7 +265,7 @@ impl Accumulator {
                         .entry(Arc::clone(&record.topic))
                         .or_insert_with(|| TopicInfo::new(&record.topic, partitions));
                     info.partitions = partitions;
-                    return self.append_to(info, queue, record, &mut None);
+                    return self.append_to(info, queue, record, &mut RunClock::default());
                 }
             }
             if tokio::time::timeout_at(deadline, space).await.is_err() {
@@ -264,7 +284,7 @@ impl Accumulator {
         info: &mut TopicInfo,
         queue: &mut Queue,
         record: ProducerRecord,
-        now: &mut Option<i64>,
+        now: &mut RunClock,
     ) -> Result<DeliveryFuture> {
         let partitions = info.partitions;
         if let Some(p) = record.partition {
@@ -306,21 +326,27 @@ impl Accumulator {
                     self.config.compression,
                     self.config.batch_size.min(1 << 20),
                 ),
-                created: Instant::now(),
+                created: now.instant(),
                 slot: SlotOwner::new(Arc::clone(&info.name)),
             }
         });
         let index = open.builder.len();
         queue.buffered += open.builder.append(
-            record
-                .timestamp
-                .unwrap_or_else(|| *now.get_or_insert_with(now_ms)),
+            record.timestamp.unwrap_or_else(|| now.ms()),
             record.key.as_deref(),
             record.value.as_deref(),
             &record.headers,
         );
         let slot = open.slot.share();
-        if open.builder.size_bytes() >= self.config.batch_size {
+        // A batch whose linger has passed closes on the next record rather than at the
+        // sender's next look: the sender's timer ticks in milliseconds, so a linger
+        // shorter than that would otherwise last a millisecond whenever records keep
+        // coming. Not while batches already wait to go: then it keeps filling, as it
+        // would in `take_ready`.
+        let lingered = !self.config.linger.is_zero()
+            && queue.ready.is_empty()
+            && open.created + self.config.linger <= now.instant();
+        if lingered || open.builder.size_bytes() >= self.config.batch_size {
             self.close_batch(info, partition, queue);
         }
         Ok(DeliveryFuture {
@@ -488,6 +514,54 @@ mod tests {
     use super::*;
     use crate::producer::{ProducerConfig, ProducerRecord};
 
+    fn record(topic: &Arc<str>, partition: u32) -> ProducerRecord {
+        ProducerRecord {
+            topic: Arc::clone(topic),
+            partition: Some(partition),
+            value: Some(Bytes::from_static(b"v")),
+            ..ProducerRecord::default()
+        }
+    }
+
+    fn append(acc: &Accumulator, record: ProducerRecord) -> DeliveryFuture {
+        match acc.try_append(record) {
+            TryAppend::Done(r) => r.expect("appended"),
+            TryAppend::Blocked(_, why) => panic!("blocked: {why:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_past_its_linger_closes_on_the_next_record_unless_batches_wait_to_go() {
+        let linger = Duration::from_millis(2);
+        let acc = Accumulator::new(ProducerConfig {
+            linger,
+            ..ProducerConfig::default()
+        });
+        let topic: Arc<str> = "t".into();
+        acc.set_partition_count(&topic, 2);
+        let first = append(&acc, record(&topic, 0));
+        // Within the linger the batch stays open.
+        assert_eq!(acc.lock().queue.ready.len(), 0);
+        std::thread::sleep(linger + Duration::from_millis(1));
+        // Past it, the next record goes in and the batch closes with it, with no look
+        // from the sender in between.
+        let second = append(&acc, record(&topic, 0));
+        assert!(second.same_batch(&first));
+        assert_eq!(second.index, 1);
+        let ready: Vec<u32> = acc.lock().queue.ready.iter().map(|b| b.partition).collect();
+        assert_eq!(ready, [0]);
+        // While that batch waits to go, partition 1's lingered batch keeps filling.
+        let third = append(&acc, record(&topic, 1));
+        std::thread::sleep(linger + Duration::from_millis(1));
+        let fourth = append(&acc, record(&topic, 1));
+        assert!(fourth.same_batch(&third));
+        assert_eq!(acc.lock().queue.ready.len(), 1);
+        // Once the sender has taken what waited, it sends the other too.
+        let (sent, _) = acc.take_ready(usize::MAX);
+        let sent: Vec<u32> = sent.iter().map(|b| b.partition).collect();
+        assert_eq!(sent, [0, 1]);
+    }
+
     #[test]
     fn with_no_linger_a_take_leaves_no_batch_to_a_timer() {
         let acc = Arc::new(Accumulator::new(ProducerConfig {
@@ -500,16 +574,7 @@ mod tests {
             let (acc, topic) = (Arc::clone(&acc), Arc::clone(&topic));
             std::thread::spawn(move || {
                 for _ in 0..50_000 {
-                    let record = ProducerRecord {
-                        topic: Arc::clone(&topic),
-                        partition: Some(0),
-                        value: Some(Bytes::from_static(b"v")),
-                        ..ProducerRecord::default()
-                    };
-                    match acc.try_append(record) {
-                        TryAppend::Done(r) => drop(r.expect("appended")),
-                        TryAppend::Blocked(_, why) => panic!("blocked: {why:?}"),
-                    }
+                    drop(append(&acc, record(&topic, 0)));
                 }
             })
         };

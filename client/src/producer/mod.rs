@@ -66,7 +66,9 @@ pub struct ProducerConfig {
     /// `batch.size`: a batch is sent once it holds this many bytes (default 64 KiB; larger
     /// than Kafka's 16 KiB because batches are the broker's unit of work).
     pub batch_size: usize,
-    /// `linger.ms`: how long a batch may wait to fill (default 5 ms).
+    /// `linger.ms`: how long a batch may wait to fill (default 5 ms). Finer than a
+    /// millisecond is kept too: while records keep coming, a batch closes on the first
+    /// one after its linger.
     pub linger: Duration,
     /// `compression.type` (default none).
     pub compression: Compression,

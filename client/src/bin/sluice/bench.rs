@@ -15,7 +15,7 @@ use sluice_client::{
 use tokio::sync::mpsc;
 
 use crate::output::{print_json, Output};
-use crate::produce::{parse_acks, parse_compression};
+use crate::produce::{parse_acks, parse_compression, parse_linger};
 use crate::{CliError, Global};
 
 #[derive(Debug, Subcommand)]
@@ -46,9 +46,9 @@ pub struct ProduceBench {
     /// Batch size in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     batch_size: usize,
-    /// Linger in ms.
-    #[arg(long, default_value_t = 5)]
-    linger_ms: u64,
+    /// Linger in ms (fractions allowed: 0.2 is 200 µs).
+    #[arg(long, default_value = "5", value_parser = parse_linger)]
+    linger_ms: Duration,
     /// Batches in flight per producer.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
@@ -197,7 +197,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             brokers: global.brokers.clone(),
             acks: args.acks,
             batch_size: args.batch_size,
-            linger: Duration::from_millis(args.linger_ms),
+            linger: args.linger_ms,
             max_in_flight: args.max_in_flight,
             buffer_memory: args.buffer_memory,
             compression: args.compression,

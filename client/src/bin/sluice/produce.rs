@@ -28,9 +28,9 @@ pub struct ProduceArgs {
     /// Compression: none, gzip, snappy, lz4 or zstd.
     #[arg(long, default_value = "none", value_parser = parse_compression)]
     compression: Compression,
-    /// How long a batch may wait to fill, in ms.
-    #[arg(long, default_value_t = 5)]
-    linger_ms: u64,
+    /// How long a batch may wait to fill, in ms (fractions allowed: 0.2 is 200 µs).
+    #[arg(long, default_value = "5", value_parser = parse_linger)]
+    linger_ms: Duration,
     /// Batch size in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     batch_size: usize,
@@ -47,6 +47,15 @@ pub fn parse_acks(s: &str) -> Result<Acks, String> {
     Acks::parse(s).ok_or_else(|| format!("{s:?}: use 0, 1 or all"))
 }
 
+/// A linger in ms, whole or not, as a duration.
+pub fn parse_linger(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|ms| (0.0..=3_600_000.0).contains(ms))
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .ok_or_else(|| format!("{s:?}: use a number of ms from 0 to 3600000"))
+}
+
 pub fn parse_compression(s: &str) -> Result<Compression, String> {
     Compression::parse(s).ok_or_else(|| format!("{s:?}: use none, gzip, snappy, lz4 or zstd"))
 }
@@ -56,7 +65,7 @@ pub async fn run(global: &Global, args: ProduceArgs) -> Result<(), CliError> {
         brokers: global.brokers.clone(),
         acks: args.acks,
         compression: args.compression,
-        linger: Duration::from_millis(args.linger_ms),
+        linger: args.linger_ms,
         batch_size: args.batch_size,
         retries: args.retries.unwrap_or(u32::MAX),
         delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
@@ -116,5 +125,21 @@ pub async fn run(global: &Global, args: ProduceArgs) -> Result<(), CliError> {
             sent - acked
         ))),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_linger_may_be_a_fraction_of_a_millisecond_but_not_negative_or_not_a_number() {
+        assert_eq!(parse_linger("5"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_linger("0.25"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_linger("0"), Ok(Duration::ZERO));
+        for bad in ["-1", "NaN", "inf", "1e9", "5ms", ""] {
+            let e = parse_linger(bad).expect_err(bad);
+            assert!(e.contains("ms from 0 to 3600000"), "{bad}: {e}");
+        }
     }
 }
