@@ -213,6 +213,16 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         true => Some(open_reader(global, &args.topic).await?),
         false => None,
     };
+    let per_producer = args.records / u64::from(args.producers);
+    let extra = args.records % u64::from(args.producers);
+    let shares: Vec<u64> = (0..u64::from(args.producers))
+        .map(|i| per_producer + u64::from(i < extra))
+        .collect();
+    // Room for every latency, touched before the clock starts (`latency_list`). A
+    // sustained run's record count is only a cap: a list grows past it instead.
+    let room = |n: u64| latency_list(n.min(1 << 24) as usize);
+    let lists: Vec<Vec<u32>> = shares.iter().map(|&n| room(n)).collect();
+    let read_list = reader.as_ref().map(|_| room(args.records));
     // Every producer starts now; send times travel in the records as nanoseconds since.
     let started = Instant::now();
     let warmup = Duration::from_secs_f64(args.warmup_secs);
@@ -220,22 +230,19 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
     let measure_from = started + warmup;
     let (expected_tx, expected_rx) = tokio::sync::watch::channel(None);
     let window = (args.timeline_ms > 0).then(|| Duration::from_millis(args.timeline_ms));
-    let reader = reader.map(|consumer| {
+    let reader = reader.zip(read_list).map(|(consumer, latencies)| {
         read_back(
             consumer,
             started,
             warmup,
             Timeline::new(window),
             expected_rx,
-            args.records.min(1 << 24) as usize,
+            latencies,
         )
     });
     let end_to_end = args.end_to_end;
-    let per_producer = args.records / u64::from(args.producers);
-    let extra = args.records % u64::from(args.producers);
     let mut tasks = Vec::new();
-    for (i, producer) in producers.into_iter().enumerate() {
-        let n = per_producer + u64::from((i as u64) < extra);
+    for ((producer, n), list) in producers.into_iter().zip(shares).zip(lists) {
         let pool = pool.clone();
         let topic: std::sync::Arc<str> = args.topic.as_str().into();
         // Each producer gets its share of the rate.
@@ -247,10 +254,13 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         // A paced run is timed by delivery callbacks, which run as each answer is read:
         // handing every record's future to a waiting task instead cost a wake-up of that
         // task per batch, on the two CPUs the broker shares.
-        // Only the tally in use takes room for every latency up front.
-        let (paced_n, waited_n) = if interval.is_some() { (n, 0) } else { (0, n) };
+        // Only the tally in use gets the room for every latency.
+        let (paced_list, waited_list) = match interval {
+            Some(_) => (list, Vec::new()),
+            None => (Vec::new(), list),
+        };
         let paced = Arc::new(Mutex::new(Tally::new(
-            paced_n,
+            paced_list,
             window,
             started,
             measure_from,
@@ -261,7 +271,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             let chunk_len = 256;
             let (tx, mut rx) = mpsc::channel::<Vec<(Instant, DeliveryFuture)>>(1 << 10);
             let waiter = tokio::spawn(async move {
-                let mut tally = Tally::new(waited_n, window, started, measure_from);
+                let mut tally = Tally::new(waited_list, window, started, measure_from);
                 // Send times of records seen acknowledged and not yet timed. They are timed
                 // together, by one clock read taken after all of them were seen done, so
                 // none is timed before its acknowledgement; reading the clock for every
@@ -360,7 +370,7 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             let mut tally = waiter
                 .await
                 .map_err(|e| sluice_client::ClientError::Batch(format!("waiter: {e}")))?;
-            let empty = Tally::new(0, window, started, measure_from);
+            let empty = Tally::new(Vec::new(), window, started, measure_from);
             tally.merge(std::mem::replace(&mut *lock_tally(&paced), empty));
             Ok::<_, sluice_client::ClientError>(tally)
         }));
@@ -638,20 +648,19 @@ async fn open_reader(global: &Global, topic: &str) -> Result<Consumer, CliError>
 /// Reads in the background, timing each record sent `measure_from` or later after
 /// `epoch` from the send time it carries to the poll that returned it (and adding it to
 /// `timeline`), until it has read `expected` records (known once the producers are
-/// done) or nothing new has come for 10 s. Room for `capacity` latencies is taken up
-/// front: growing the list mid-run copies it, and at millions of records each copy held
-/// up the reader, and the tasks sharing its thread, for milliseconds, which showed as
-/// latency spikes when the list reached 1, 2 and 4 million.
+/// done) or nothing new has come for 10 s. The latencies go into `latencies`, whose room
+/// is taken up front: growing the list mid-run copies it, and at millions of records
+/// each copy held up the reader, and the tasks sharing its thread, for milliseconds,
+/// which showed as latency spikes when the list reached 1, 2 and 4 million.
 fn read_back(
     mut consumer: Consumer,
     epoch: Instant,
     measure_from: Duration,
     mut timeline: Timeline,
     mut expected: tokio::sync::watch::Receiver<Option<u64>>,
-    capacity: usize,
+    mut latencies: Vec<u32>,
 ) -> tokio::task::JoinHandle<Result<ReadBack, CliError>> {
     tokio::spawn(async move {
-        let mut latencies = latency_list(capacity);
         let mut read = 0u64;
         let mut last_new = Instant::now();
         loop {
@@ -753,15 +762,15 @@ struct Tally {
 }
 
 impl Tally {
+    /// A tally that keeps its latencies in `latencies` (empty, with room made ahead).
     fn new(
-        records: u64,
+        latencies: Vec<u32>,
         window: Option<Duration>,
         started: Instant,
         measure_from: Instant,
     ) -> Tally {
         Tally {
-            // A sustained run's record count is only a cap: grow past this instead.
-            latencies: latency_list(records.min(1 << 24) as usize),
+            latencies,
             acked: 0,
             failed: 0,
             first_error: None,
