@@ -79,15 +79,22 @@ pub struct Log {
     truncations: u64,
     /// Batch boundaries near the end of the active segment, for [`Log::tail_view`].
     tail: TailAnchors,
+    /// The base offset of a segment sealed without its fsync, which a background flush
+    /// owes it. At most one at a time, and only the one before the active segment, so
+    /// after a crash recovering the last two segments is enough.
+    unsynced_seal: Option<u64>,
 }
 
-/// An fsync of the active segment taken off the append path, for `flush.policy=interval`:
-/// it runs on its own handle to the file while appends go on, so a second's worth of
-/// dirty pages does not stall the producers behind it.
+/// An fsync taken off the append path: of a segment sealed without one (`Log::roll`),
+/// and under `flush.policy=interval` of the active segment. It runs on its own handles
+/// to the files while appends go on, so a second's worth of dirty pages, or a whole
+/// segment's, does not stall the producers behind it.
 #[derive(Debug)]
 pub struct BackgroundFlush {
-    file: fs::File,
-    path: PathBuf,
+    /// The segment sealed without its fsync, synced first, with its base offset.
+    sealed: Option<(fs::File, PathBuf, u64)>,
+    /// The active segment, under `flush.policy=interval`.
+    active: Option<(fs::File, PathBuf)>,
     upto: u64,
     truncations: u64,
 }
@@ -95,6 +102,7 @@ pub struct BackgroundFlush {
 /// A finished background flush, to hand back to its log.
 #[derive(Debug)]
 pub struct FlushDone {
+    sealed: Option<u64>,
     upto: u64,
     truncations: u64,
     result: Result<()>,
@@ -103,8 +111,18 @@ pub struct FlushDone {
 impl BackgroundFlush {
     /// Runs the fsync (blocking).
     pub fn run(self) -> FlushDone {
-        let result = self.file.sync_data().map_err(|e| Error::io(&self.path, e));
+        let sync =
+            |file: &fs::File, path: &PathBuf| file.sync_data().map_err(|e| Error::io(path, e));
+        let result = match &self.sealed {
+            Some((file, path, _)) => sync(file, path),
+            None => Ok(()),
+        }
+        .and_then(|()| match &self.active {
+            Some((file, path)) => sync(file, path),
+            None => Ok(()),
+        });
         FlushDone {
+            sealed: self.sealed.map(|(_, _, base)| base),
             upto: self.upto,
             truncations: self.truncations,
             result,
@@ -175,12 +193,16 @@ impl Log {
         let last = bases.len().checked_sub(1);
         let mut expected_next: Option<u64> = None;
         for (i, &base) in bases.iter().enumerate() {
+            // After a crash the segment before the last may have been sealed without its
+            // fsync (`Log::roll`): it is scanned and recovered like the last.
+            let before_last = !clean && last.is_some_and(|l| i + 1 == l);
             let mode = match (Some(i) == last, clean) {
+                (false, _) if before_last => OpenMode::ActiveRecover,
                 (false, _) => OpenMode::Sealed,
                 (true, true) => OpenMode::ActiveClean,
                 (true, false) => OpenMode::ActiveRecover,
             };
-            let (seg, truncation) = Segment::open(dir, base, &config, mode)?;
+            let (mut seg, truncation) = Segment::open(dir, base, &config, mode)?;
             if let Some(prev_next) = expected_next {
                 if prev_next > base {
                     return Err(Error::CorruptSegment {
@@ -194,6 +216,7 @@ impl Log {
                 }
             }
             expected_next = Some(seg.next_offset());
+            let cut = truncation.is_some();
             if let Some(t) = truncation {
                 tracing::warn!(
                     path = %t.path.display(),
@@ -203,6 +226,19 @@ impl Log {
                     "recovered log by truncating a damaged tail"
                 );
                 report.truncation = Some(t);
+            }
+            if before_last {
+                if cut {
+                    // The last segment's batches cannot follow a cut one: they go too,
+                    // and the cut segment becomes the tail.
+                    for &later in &bases[i + 1..] {
+                        crate::segment::remove_files(dir, later)?;
+                    }
+                    sync_dir(dir)?;
+                    segments.insert(base, seg);
+                    break;
+                }
+                seg.seal()?;
             }
             segments.insert(base, seg);
         }
@@ -223,6 +259,7 @@ impl Log {
             background_flush: false,
             truncations: 0,
             tail: TailAnchors::default(),
+            unsynced_seal: None,
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
         log.active().flush()?;
@@ -510,30 +547,47 @@ impl Log {
         self.background_flush = true;
     }
 
-    /// Under `FlushPolicy::Interval`, when a flush is due and none is running: starts
-    /// one to run away from the appends (`BackgroundFlush::run`), whose result goes back
-    /// through `finish_background_flush`.
+    /// When a flush is due and none is running: starts one to run away from the appends
+    /// (`BackgroundFlush::run`), whose result goes back through `finish_background_flush`.
+    /// Due when a segment was sealed without its fsync (under any policy), and under
+    /// `FlushPolicy::Interval` when the interval has passed.
     pub fn start_background_flush(&mut self) -> Result<Option<BackgroundFlush>> {
-        let FlushPolicy::Interval(every) = self.config.flush else {
+        if self.poisoned || self.flush_in_flight {
+            // A poisoned log: every append already reports it; a flush has nothing it
+            // could vouch for.
             return Ok(None);
+        }
+        let end = self.log_end_offset();
+        let interval_due = match self.config.flush {
+            FlushPolicy::Interval(every) => {
+                self.last_flush.elapsed() >= every && self.recovery_point < end
+            }
+            FlushPolicy::Os | FlushPolicy::EveryBatch => false,
         };
-        if self.poisoned {
-            // Every append already reports it; a flush has nothing it could vouch for.
-            return Ok(None);
-        }
-        let upto = self.log_end_offset();
-        if self.flush_in_flight || self.last_flush.elapsed() < every || self.recovery_point >= upto
-        {
-            return Ok(None);
-        }
-        let active = self.active();
-        let file = active.clone_file()?;
-        let path = active.log_path().to_path_buf();
+        let sealed = match self.unsynced_seal.and_then(|base| self.segments.get(&base)) {
+            Some(seg) => Some((
+                seg.clone_file()?,
+                seg.log_path().to_path_buf(),
+                seg.base_offset(),
+                seg.next_offset(),
+            )),
+            None => None,
+        };
+        let (active, upto) = if interval_due {
+            let active = self.active();
+            let file = (active.clone_file()?, active.log_path().to_path_buf());
+            self.last_flush = Instant::now();
+            (Some(file), end)
+        } else {
+            match &sealed {
+                Some((_, _, _, sealed_end)) => (None, *sealed_end),
+                None => return Ok(None),
+            }
+        };
         self.flush_in_flight = true;
-        self.last_flush = Instant::now();
         Ok(Some(BackgroundFlush {
-            file,
-            path,
+            sealed: sealed.map(|(file, path, base, _)| (file, path, base)),
+            active,
             upto,
             truncations: self.truncations,
         }))
@@ -547,6 +601,9 @@ impl Log {
             self.poisoned = true;
             return Err(e);
         }
+        if done.sealed.is_some() && done.sealed == self.unsynced_seal {
+            self.unsynced_seal = None;
+        }
         if done.truncations == self.truncations {
             self.recovery_point = self
                 .recovery_point
@@ -555,9 +612,32 @@ impl Log {
         Ok(())
     }
 
+    /// Syncs the segment sealed without its fsync, if there is one, in line.
+    fn sync_unsynced_seal(&mut self) -> Result<()> {
+        if let Some(seg) = self.unsynced_seal.and_then(|base| self.segments.get(&base)) {
+            if let Err(e) = seg.flush() {
+                self.poisoned = true;
+                return Err(e);
+            }
+        }
+        self.unsynced_seal = None;
+        Ok(())
+    }
+
+    /// Forgets the segment sealed without its fsync once it is gone or active again (a
+    /// truncation or retention removed or reopened it).
+    fn settle_unsynced_seal(&mut self) {
+        if let Some(base) = self.unsynced_seal {
+            if !self.segments.contains_key(&base) || self.active().base_offset() == base {
+                self.unsynced_seal = None;
+            }
+        }
+    }
+
     /// Forces everything appended so far to disk.
     pub fn flush(&mut self) -> Result<()> {
         self.check_writable()?;
+        self.sync_unsynced_seal()?;
         if let Err(e) = self.active().flush() {
             // After a failed fsync the page cache may have dropped the dirty pages; the
             // tail is no longer known, so writes stop until the log is reopened.
@@ -577,9 +657,23 @@ impl Log {
         }
         let next = self.log_end_offset();
         self.tail.clear();
-        // Seal first, so a crash never leaves an unsealed segment before the tail.
-        self.active_mut().seal()?;
-        self.recovery_point = self.recovery_point.max(next);
+        // Only the segment before the active one may wait for its fsync: a crash then
+        // leaves at most the last two to recover.
+        self.sync_unsynced_seal()?;
+        let base = self.active().base_offset();
+        self.recovery_point = self.recovery_point.max(base);
+        // Seal first, so a crash never leaves an unsealed segment before the tail. With
+        // an owner to run it, the fsync goes to the background: under `flush.policy=os`
+        // most of a full segment is still dirty here, and the appends behind the roll
+        // would wait for all of it to reach the disk.
+        let deferred =
+            self.background_flush && !matches!(self.config.flush, FlushPolicy::EveryBatch);
+        if deferred {
+            self.active_mut().seal_unsynced()?;
+        } else {
+            self.active_mut().seal()?;
+            self.recovery_point = self.recovery_point.max(next);
+        }
         let seg = match Segment::create(&self.dir, next, &self.config) {
             Ok(seg) => seg,
             Err(e) => {
@@ -590,6 +684,9 @@ impl Log {
         };
         sync_dir(&self.dir)?;
         self.segments.insert(next, seg);
+        if deferred {
+            self.unsynced_seal = Some(base);
+        }
         Ok(())
     }
 
@@ -700,6 +797,7 @@ impl Log {
         if !doomed.is_empty() {
             sync_dir(&self.dir)?;
             self.epochs.truncate_from_start(self.log_start_offset())?;
+            self.settle_unsynced_seal();
         }
         Ok(doomed.len())
     }
@@ -730,6 +828,7 @@ impl Log {
         let new_end = self.active_mut().truncate_to(offset)?;
         sync_dir(&self.dir)?;
         self.recovery_point = self.recovery_point.min(new_end);
+        self.settle_unsynced_seal();
         self.epochs.truncate_from_end(new_end)?;
         Ok(new_end)
     }
@@ -748,6 +847,7 @@ impl Log {
         );
         sync_dir(&self.dir)?;
         self.recovery_point = start_offset;
+        self.unsynced_seal = None;
         self.epochs.clear()
     }
 
@@ -765,6 +865,7 @@ impl Log {
     /// so the next open trusts the indexes instead of scanning.
     pub fn close(mut self) -> Result<()> {
         self.check_writable()?;
+        self.sync_unsynced_seal()?;
         self.active_mut().close_clean()?;
         let marker = self.dir.join(CLEAN_SHUTDOWN_MARKER);
         fs::File::create(&marker)

@@ -520,6 +520,10 @@ impl Segment {
         self.rolling_time_ms
     }
 
+    pub(crate) fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.size == 0
     }
@@ -631,6 +635,12 @@ impl Segment {
     /// Makes this segment read-only: flushes it, trims its indexes, maps it exactly.
     pub(crate) fn seal(&mut self) -> Result<()> {
         self.flush()?;
+        self.seal_unsynced()
+    }
+
+    /// Like `seal`, but leaves the log file's fsync to the caller (the indexes are
+    /// still synced: they are small).
+    pub(crate) fn seal_unsynced(&mut self) -> Result<()> {
         self.append_final_time_entry();
         self.index.seal()?;
         self.time_index.seal()?;
@@ -863,16 +873,21 @@ impl Segment {
         let dir = self.dir.clone();
         let base = self.base_offset;
         drop(self);
-        for ext in ["log", "index", "timeindex"] {
-            let path = sibling(&dir, base, ext);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&path, e)),
-            }
-        }
-        Ok(())
+        remove_files(&dir, base)
     }
+}
+
+/// Removes a segment's files, those that exist, without opening them.
+pub(crate) fn remove_files(dir: &Path, base: u64) -> Result<()> {
+    for ext in ["log", "index", "timeindex"] {
+        let path = sibling(dir, base, ext);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Why an append failed, and whether the segment is still usable.

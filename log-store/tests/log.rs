@@ -818,3 +818,119 @@ fn the_leader_epoch_history_follows_appends_truncation_and_reopen() {
     let log = Log::open(dir.path(), small_config()).expect("reopen");
     assert_eq!(log.epoch_history().latest_epoch(), Some(6));
 }
+
+/// A log whose owner runs its flushes, under `flush.policy=os`, with small segments.
+fn owned_os_log(dir: &std::path::Path) -> Log {
+    let mut config = small_config();
+    config.flush = FlushPolicy::Os;
+    let mut log = Log::open(dir, config).expect("open");
+    log.flush_interval_in_background();
+    log
+}
+
+/// Appends batches of 4 records tagged `t0`, `t1`, ... until the log has `segments`
+/// segments; returns how many batches went in.
+fn fill_segments(log: &mut Log, segments: usize) -> usize {
+    let mut n = 0;
+    while log.segment_count() < segments {
+        log.append(&batch(&format!("t{n}"), 4, n as i64), opts())
+            .expect("append");
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_roll_leaves_the_sealing_fsync_to_the_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = owned_os_log(dir.path());
+    fill_segments(&mut log, 2);
+    let sealed_end = log.segment_base_offsets()[1];
+    // The full segment is sealed but not yet known to be on disk.
+    assert_eq!(log.recovery_point(), 0);
+    let job = log
+        .start_background_flush()
+        .expect("start")
+        .expect("the sealed segment's fsync is due at once, under `os` too");
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "one at a time"
+    );
+    log.finish_background_flush(job.run()).expect("finish");
+    assert_eq!(log.recovery_point(), sealed_end);
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "nothing else is due under `os`"
+    );
+
+    // A second roll before the first's fsync ran syncs the first in line: never more
+    // than one sealed segment waits.
+    fill_segments(&mut log, 3);
+    fill_segments(&mut log, 4);
+    let bases = log.segment_base_offsets();
+    assert!(log.recovery_point() >= bases[2], "{bases:?}");
+    assert_eq!(
+        log.verify().expect("verify") as usize,
+        log.log_end_offset() as usize / 4
+    );
+}
+
+#[test]
+fn after_a_crash_the_segment_sealed_without_its_fsync_is_recovered_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = owned_os_log(dir.path());
+    let batches = fill_segments(&mut log, 3);
+    let end = log.log_end_offset();
+    assert_eq!(end as usize, batches * 4);
+    // A crash: no close, and the owner never ran the fsync.
+    drop(log);
+
+    let (mut log, report) = Log::open_with_report(dir.path(), small_config()).expect("reopen");
+    assert!(!report.clean);
+    assert!(report.truncation.is_none(), "nothing was damaged");
+    assert_eq!(log.log_end_offset(), end);
+    assert_eq!(log.segment_count(), 3);
+    let got = values(&log.read(0, 1 << 20).expect("read"));
+    assert_eq!(got[0], (0, "t0-0".to_string()));
+    let info = log.append(&batch("after", 1, 0), opts()).expect("append");
+    assert_eq!(info.base_offset, end);
+    assert_eq!(log.verify().expect("verify") as usize, batches + 1);
+}
+
+#[test]
+fn a_segment_that_lost_its_tail_before_its_fsync_drops_the_one_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = owned_os_log(dir.path());
+    fill_segments(&mut log, 3);
+    let bases = log.segment_base_offsets();
+    drop(log);
+    // The segment before the last lost the end of its pages in the crash.
+    let path = dir.path().join(format!("{:020}.log", bases[1]));
+    let len = fs::metadata(&path).expect("metadata").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(len / 2))
+        .expect("cut");
+
+    let (mut log, report) = Log::open_with_report(dir.path(), small_config()).expect("reopen");
+    let truncation = report.truncation.expect("the cut segment is reported");
+    assert_eq!(truncation.path, path);
+    // The last segment's batches would follow a gap: they are gone, and the cut
+    // segment is the tail.
+    assert_eq!(log.segment_base_offsets(), bases[..2].to_vec());
+    assert!(!dir.path().join(format!("{:020}.log", bases[2])).exists());
+    let end = log.log_end_offset();
+    assert!(end > bases[1] && end < bases[2], "{end} in {bases:?}");
+    // What is left is whole and in order, from the first offset to the new end.
+    let mut offsets = Vec::new();
+    while offsets.len() < end as usize {
+        let got = values(&log.read(offsets.len() as u64, 1 << 20).expect("read"));
+        assert!(!got.is_empty(), "nothing at {}", offsets.len());
+        offsets.extend(got.iter().map(|(o, _)| *o));
+    }
+    assert_eq!(offsets, (0..end).collect::<Vec<_>>());
+    let info = log.append(&batch("after", 1, 0), opts()).expect("append");
+    assert_eq!(info.base_offset, end);
+    log.verify().expect("verify");
+}
