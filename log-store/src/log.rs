@@ -194,15 +194,32 @@ impl Log {
         let mut expected_next: Option<u64> = None;
         for (i, &base) in bases.iter().enumerate() {
             // After a crash the segment before the last may have been sealed without its
-            // fsync (`Log::roll`): it is scanned and recovered like the last.
+            // fsync (`Log::roll`): every batch of it is checked, and a damaged one is
+            // recovered like the last.
             let before_last = !clean && last.is_some_and(|l| i + 1 == l);
             let mode = match (Some(i) == last, clean) {
-                (false, _) if before_last => OpenMode::ActiveRecover,
                 (false, _) => OpenMode::Sealed,
                 (true, true) => OpenMode::ActiveClean,
                 (true, false) => OpenMode::ActiveRecover,
             };
-            let (mut seg, truncation) = Segment::open(dir, base, &config, mode)?;
+            let mut recovered = false;
+            let (mut seg, truncation) = if before_last {
+                // Read-only first: a segment that checks whole stays sealed without a
+                // write, so a full disk does not stop the reopen. Only a damaged one is
+                // rebuilt, which needs room for its indexes.
+                let whole = Segment::open(dir, base, &config, OpenMode::Sealed)
+                    .and_then(|(seg, t)| seg.verify().map(|_| (seg, t)));
+                match whole {
+                    Ok(opened) => opened,
+                    Err(Error::CorruptSegment { .. }) => {
+                        recovered = true;
+                        Segment::open(dir, base, &config, OpenMode::ActiveRecover)?
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                Segment::open(dir, base, &config, mode)?
+            };
             if let Some(prev_next) = expected_next {
                 if prev_next > base {
                     return Err(Error::CorruptSegment {
@@ -227,7 +244,7 @@ impl Log {
                 );
                 report.truncation = Some(t);
             }
-            if before_last {
+            if recovered {
                 if cut {
                     // The last segment's batches cannot follow a cut one: they go too,
                     // and the cut segment becomes the tail.
