@@ -559,7 +559,7 @@ impl Log {
 
     /// From now on `apply_flush_policy` leaves `FlushPolicy::Interval` flushes and early
     /// writeback to the owner, who takes them with `start_background_flush` and
-    /// `take_writeback`.
+    /// `take_writeback`; so does `roll` the fsync of the segment it seals.
     pub fn flush_interval_in_background(&mut self) {
         self.background_flush = true;
     }
