@@ -283,6 +283,53 @@ fn bench_produce_paces_groups_and_reads_every_record_back() {
     // In groups, flat out.
     let grouped = run(&["--send-many", "1000"]);
     assert_eq!(grouped["records"], 3000, "{grouped}");
+    // Flat out one send at a time, with room for only a few batches so that sends wait:
+    // every record is acknowledged, timed and read back, and carries a wall-clock
+    // timestamp from the run (the tool stamps records from its own clock readings).
+    let before_ms = now_ms();
+    let flat = run(&[
+        "--end-to-end",
+        "--buffer-memory",
+        "8192",
+        "--batch-size",
+        "2048",
+    ]);
+    let after_ms = now_ms();
+    assert_eq!(flat["records"], 3000, "{flat}");
+    assert_eq!(flat["failed"], 0, "{flat}");
+    assert_eq!(flat["latency_ms"]["records"], 3000, "{flat}");
+    assert_eq!(flat["end_to_end_ms"]["records"], 3000, "{flat}");
+    let flat_records = ok(&sluice(
+        &b,
+        &[
+            "--output",
+            "json",
+            "consume",
+            "loaded",
+            "--offset",
+            "12000",
+            "--max-messages",
+            "3000",
+            "--timeout-ms",
+            "10000",
+        ],
+        "",
+    ));
+    let stamps: Vec<i64> = flat_records
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("record json");
+            v["timestamp"].as_i64().expect("timestamp")
+        })
+        .collect();
+    assert_eq!(stamps.len(), 3000);
+    assert!(
+        stamps.iter().all(|&t| (before_ms..=after_ms).contains(&t)),
+        "timestamps within the run [{before_ms}, {after_ms}]: {:?}..{:?}",
+        stamps.first(),
+        stamps.last()
+    );
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "in send order");
     let err = sluice(
         &b,
         &[
@@ -301,6 +348,12 @@ fn bench_produce_paces_groups_and_reads_every_record_back() {
         "a record too small for its send time is refused"
     );
     assert!(broker.sigterm());
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The README's quick start, run as written with the built binaries first on PATH.

@@ -225,6 +225,9 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
     let read_list = reader.as_ref().map(|_| room(args.records));
     // Every producer starts now; send times travel in the records as nanoseconds since.
     let started = Instant::now();
+    let wall_started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let warmup = Duration::from_secs_f64(args.warmup_secs);
     // Records due (or sent) before this are the warm-up: sent, not timed.
     let measure_from = started + warmup;
@@ -301,21 +304,34 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             let schedule =
                 interval.map(|iv| Schedule::starting_at(begin, iv).with_wake_gap(wake_gap));
             let mut arena = BytesMut::new();
-            let mut record = move |j: u64| {
+            // Record `j`, sent at `sent` when the caller read the clock for it (flat out);
+            // a paced record's send time is when it fell due, and the producer stamps it.
+            let mut record = move |j: u64, sent: Option<Instant>| {
                 let payload = &pool[(j as usize) % pool.len()];
-                let value = if end_to_end {
-                    let sent = match schedule {
-                        Some(s) => s.due(j),
-                        None => Instant::now(),
-                    };
-                    stamp(&mut arena, payload, sent.duration_since(started))
-                } else {
-                    payload.clone()
+                let value = match (end_to_end, sent, schedule) {
+                    (false, ..) => payload.clone(),
+                    (true, Some(at), _) => stamp(&mut arena, payload, at.duration_since(started)),
+                    (true, None, Some(s)) => {
+                        stamp(&mut arena, payload, s.due(j).duration_since(started))
+                    }
+                    (true, None, None) => {
+                        stamp(&mut arena, payload, Instant::now().duration_since(started))
+                    }
                 };
+                // The tool's own reading stamps the record, as an application stamps its
+                // events: the producer's wall-clock reading for a record without a
+                // timestamp was a sixth of the sending thread's time.
+                let timestamp =
+                    sent.map(|at| wall_started_ms + at.duration_since(started).as_millis() as i64);
+                // Every field named: `..ProducerRecord::default()` built a record and
+                // dropped its parts for every one sent.
                 ProducerRecord {
                     topic: topic.clone(),
+                    partition: None,
+                    key: None,
                     value: Some(value),
-                    ..ProducerRecord::default()
+                    headers: Vec::new(),
+                    timestamp,
                 }
             };
             match schedule {
@@ -337,20 +353,42 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
                 None => {
                     let mut chunk = Vec::with_capacity(chunk_len);
                     let mut j = 0;
+                    // One clock reading times a run of up to `READING_RUN` sends, none of
+                    // which waited: each is timed from before it began, a few µs early at
+                    // most, never late. A send that waited ends the run, so the next one
+                    // reads the clock again. A reading per record was a twelfth of the
+                    // sending thread's time.
+                    let mut scheduled = Instant::now();
+                    let mut run = 0;
                     while j < n {
-                        if stop_at.is_some_and(|t| Instant::now() >= t) {
+                        if run == READING_RUN {
+                            scheduled = Instant::now();
+                            run = 0;
+                        }
+                        if stop_at.is_some_and(|t| scheduled >= t) {
                             break;
                         }
-                        let scheduled = Instant::now();
+                        run += 1;
                         if group == 1 {
-                            let r = record(j);
-                            chunk.push((scheduled, producer.send(r).await?));
+                            let mut send =
+                                std::pin::pin!(producer.send(record(j, Some(scheduled))));
+                            let delivery = match (&mut send).now_or_never() {
+                                Some(done) => done?,
+                                None => {
+                                    run = READING_RUN;
+                                    send.await?
+                                }
+                            };
+                            chunk.push((scheduled, delivery));
                             j += 1;
                         } else {
                             let end = (j + group).min(n);
-                            let sent = producer.send_many((j..end).map(&mut record)).await;
+                            let sent = producer
+                                .send_many((j..end).map(|i| record(i, Some(scheduled))))
+                                .await;
                             chunk.extend(sent.into_iter().map(|d| (scheduled, d)));
                             j = end;
+                            run = READING_RUN;
                         }
                         if chunk.len() >= chunk_len {
                             let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
@@ -481,6 +519,9 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
         None => Ok(()),
     }
 }
+
+/// Flat-out sends timed by one clock reading (see the send loop).
+const READING_RUN: u32 = 16;
 
 /// A copy of `payload` whose first 8 bytes carry `since_epoch` in nanoseconds. Copies
 /// are cut from one shared buffer, `arena`: an allocation and a free per record showed
@@ -716,7 +757,7 @@ fn send_paced(
     runtime: &tokio::runtime::Handle,
     producer: &Producer,
     pace: &Pace,
-    mut record: impl FnMut(u64) -> ProducerRecord,
+    mut record: impl FnMut(u64, Option<Instant>) -> ProducerRecord,
     tally: &Arc<Mutex<Tally>>,
 ) {
     let schedule = &pace.schedule;
@@ -726,7 +767,7 @@ fn send_paced(
             break;
         }
         let end = schedule.wait_due(j, pace.records);
-        let sent = runtime.block_on(producer.send_many((j..end).map(&mut record)));
+        let sent = runtime.block_on(producer.send_many((j..end).map(|i| record(i, None))));
         // Records of one batch get their outcome at the same moment: one callback, and
         // one clock read, times the whole run of them.
         let mut sent = sent.into_iter().peekable();
