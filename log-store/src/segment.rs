@@ -645,6 +645,14 @@ impl Segment {
         self.index.seal()?;
         self.time_index.seal()?;
         self.sealed = true;
+        // The active segment's map is already read-only and covers every byte written:
+        // keep it. Mapping the file anew dropped the old map on the appending thread,
+        // and unmapping a full segment's pages read by consumers held the appends
+        // behind the roll for tens of milliseconds.
+        let mapped = self.map.as_ref().map_or(0, |m| m.len() as u64);
+        if mapped >= self.size {
+            return Ok(());
+        }
         self.remap()
     }
 
