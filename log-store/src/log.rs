@@ -19,7 +19,7 @@ use crate::config::{FlushPolicy, LogConfig};
 use crate::epochs::EpochHistory;
 use crate::error::{Error, Result};
 use crate::retention::{segments_to_delete, SegmentStats};
-use crate::segment::{now_ms, sync_dir, AppendFailure, OpenMode, Segment};
+use crate::segment::{now_ms, sync_dir, AppendFailure, OpenMode, Segment, DELETED_SUFFIX};
 use crate::tail::{TailAnchors, TailView};
 
 pub use crate::segment::{Truncation, Writeback};
@@ -171,10 +171,16 @@ impl Log {
             let name = name.to_string_lossy();
             if let Some(base) = parse_segment_name(&name) {
                 bases.push(base);
-            } else if name.ends_with(".truncating") {
-                // A truncation that did not finish: the original is still in place.
+            } else if name.ends_with(".truncating") || name.ends_with(DELETED_SUFFIX) {
+                // A truncation that did not finish (the original is still in place), or a
+                // deleted segment whose removal a crash cut short (or that the remover's
+                // thread is taking away right now: then it is gone already).
                 let path = entry.path();
-                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
             }
         }
         bases.sort_unstable();

@@ -878,10 +878,82 @@ impl Segment {
 
     /// Deletes the segment's files.
     pub(crate) fn delete(self) -> Result<()> {
-        let dir = self.dir.clone();
-        let base = self.base_offset;
-        drop(self);
-        remove_files(&dir, base)
+        // Renamed now, so the log is rid of the segment once the caller syncs the
+        // directory (a reopen removes what a crash left under these names); closed and
+        // unlinked on the remover's thread. Unlinking a file evicts its pages from the
+        // page cache: about 0.15 s for a full 1 GiB segment here, which the partition's
+        // appends would otherwise wait for.
+        let mut renamed = Vec::new();
+        for ext in ["log", "index", "timeindex"] {
+            let path = sibling(&self.dir, self.base_offset, ext);
+            let aside = deleted_name(&path);
+            match std::fs::rename(&path, &aside) {
+                Ok(()) => renamed.push(aside),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // A longer name may need a directory block that a full disk cannot give,
+                // and deleting is how a full disk gets room: unlink it here instead.
+                Err(_) => match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(&path, e)),
+                },
+            }
+        }
+        remover::remove(Box::new(move || {
+            drop(self);
+            for path in renamed {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove a deleted segment's file");
+                    }
+                }
+            }
+        }));
+        Ok(())
+    }
+}
+
+/// Suffix of a deleted segment's file until it is removed.
+pub(crate) const DELETED_SUFFIX: &str = ".deleted";
+
+fn deleted_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(DELETED_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// One thread, started with the first deletion, that closes and unlinks deleted
+/// segments in order, away from whoever deleted them.
+mod remover {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::OnceLock;
+
+    type Job = Box<dyn FnOnce() + Send>;
+
+    static QUEUE: OnceLock<Option<Sender<Job>>> = OnceLock::new();
+
+    /// Runs `job` on the remover's thread, or here if that thread cannot be had.
+    pub(super) fn remove(job: Job) {
+        let queue = QUEUE.get_or_init(|| {
+            let (tx, rx) = channel::<Job>();
+            std::thread::Builder::new()
+                .name("segment-remover".into())
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        });
+        let job = match queue {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(refused) => refused.0,
+            },
+            None => job,
+        };
+        job();
     }
 }
 

@@ -283,6 +283,52 @@ fn retention_by_bytes_and_time_moves_the_log_start() {
 }
 
 #[test]
+fn deleted_segments_are_removed_away_from_the_log_and_on_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = small_config();
+    config.retention_bytes = Some(8192);
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    for i in 0..200 {
+        log.append(&batch("r", 5, i), opts()).expect("append");
+    }
+    let deleted = log.apply_retention(0).expect("retention");
+    assert!(deleted > 0);
+    // The names are gone at once; the files follow on the remover's thread.
+    assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
+    let leftovers = || {
+        fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".deleted"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while leftovers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deleted files still there"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = log.log_start_offset();
+    let end = log.log_end_offset();
+    drop(log);
+    // A crash between the rename and the removal leaves files under the deleted names:
+    // a reopen removes them and keeps the log as it was.
+    for ext in ["log", "index", "timeindex"] {
+        fs::write(
+            dir.path().join(format!("{:020}.{ext}.deleted", 0)),
+            b"left over",
+        )
+        .expect("write");
+    }
+    let log = Log::open(dir.path(), config).expect("reopen");
+    assert_eq!(leftovers(), 0);
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (start, end));
+    assert_eq!(values(&log.read(start, 100).expect("read"))[0].0, start);
+}
+
+#[test]
 fn rolls_on_age() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = LogConfig::default();
