@@ -171,10 +171,9 @@ impl IndexFile {
 
     /// Trims the file to its entries, syncs it and maps it read-only.
     pub(crate) fn seal(&mut self) -> Result<()> {
-        if let Map::Writable(m) = &self.map {
-            m.flush().map_err(|e| Error::io(&self.path, e))?;
-        }
-        // Never change the size of a mapped file: unmap first.
+        // Never change the size of a mapped file: unmap first. No `msync` before: the
+        // pages written through the map stay in the page cache, and the `fsync` below
+        // writes them; syncing twice made a roll wait for the disk twice per index.
         self.map = Map::None;
         let len = self.entries * self.width;
         self.file
