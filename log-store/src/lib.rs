@@ -13,6 +13,7 @@ mod index;
 pub mod log;
 pub mod manager;
 pub mod memory;
+mod remover;
 pub mod retention;
 mod segment;
 pub mod tail;

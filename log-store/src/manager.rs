@@ -93,8 +93,14 @@ impl LogManager {
         for entry in fs::read_dir(data_dir).map_err(|e| Error::io(data_dir, e))? {
             let entry = entry.map_err(|e| Error::io(data_dir, e))?;
             if entry.file_name().to_string_lossy().ends_with(DELETE_SUFFIX) {
+                // Left by a crash, or being removed by the remover's thread right now
+                // (then it may be gone already).
                 let path = entry.path();
-                fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
             }
         }
         Ok(LogManager {
@@ -183,10 +189,10 @@ impl LogManager {
     }
 
     /// Deletes a partition log: the folder is first renamed aside (so a crash midway
-    /// never leaves a half-deleted log under its real name), then removed.
+    /// never leaves a half-deleted log under its real name), then removed by the
+    /// remover's thread; a reopen of the data folder removes any a crash left.
     pub fn delete(&self, log: Log) -> Result<()> {
         let dir = log.dir().to_path_buf();
-        drop(log);
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -197,7 +203,15 @@ impl LogManager {
         let aside = self.dir.join(format!("{name}.{nanos}{DELETE_SUFFIX}"));
         fs::rename(&dir, &aside).map_err(|e| Error::io(&dir, e))?;
         sync_dir(&self.dir)?;
-        fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))
+        // The log is closed there too: unmapping the pages its readers touched takes
+        // milliseconds per segment.
+        crate::remover::remove(Box::new(move || {
+            drop(log);
+            if let Err(e) = fs::remove_dir_all(&aside) {
+                tracing::warn!(folder = %aside.display(), error = %e, "could not remove a deleted log's folder");
+            }
+        }));
+        Ok(())
     }
 }
 

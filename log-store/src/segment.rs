@@ -899,7 +899,7 @@ impl Segment {
                 },
             }
         }
-        remover::remove(Box::new(move || {
+        crate::remover::remove(Box::new(move || {
             drop(self);
             for path in renamed {
                 if let Err(e) = std::fs::remove_file(&path) {
@@ -920,41 +920,6 @@ fn deleted_name(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(DELETED_SUFFIX);
     PathBuf::from(name)
-}
-
-/// One thread, started with the first deletion, that closes and unlinks deleted
-/// segments in order, away from whoever deleted them.
-mod remover {
-    use std::sync::mpsc::{channel, Sender};
-    use std::sync::OnceLock;
-
-    type Job = Box<dyn FnOnce() + Send>;
-
-    static QUEUE: OnceLock<Option<Sender<Job>>> = OnceLock::new();
-
-    /// Runs `job` on the remover's thread, or here if that thread cannot be had.
-    pub(super) fn remove(job: Job) {
-        let queue = QUEUE.get_or_init(|| {
-            let (tx, rx) = channel::<Job>();
-            std::thread::Builder::new()
-                .name("segment-remover".into())
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
-                })
-                .ok()
-                .map(|_| tx)
-        });
-        let job = match queue {
-            Some(tx) => match tx.send(job) {
-                Ok(()) => return,
-                Err(refused) => refused.0,
-            },
-            None => job,
-        };
-        job();
-    }
 }
 
 /// Removes a segment's files, those that exist, without opening them.

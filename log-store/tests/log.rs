@@ -329,6 +329,44 @@ fn deleted_segments_are_removed_away_from_the_log_and_on_reopen() {
 }
 
 #[test]
+fn a_deleted_partition_folder_goes_at_once_and_its_files_soon_after() {
+    use sluice_log_store::manager::{LogManager, TopicPartition};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let aside = || {
+        fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with("-delete"))
+            .count()
+    };
+    let manager = LogManager::open(dir.path()).expect("open");
+    let tp = TopicPartition::new("gone", 0);
+    let mut log = manager.create(&tp, small_config()).expect("create");
+    for i in 0..50 {
+        log.append(&batch("r", 5, i), opts()).expect("append");
+    }
+    manager.delete(log).expect("delete");
+    assert!(!manager.partition_dir(&tp).exists());
+    assert!(manager.partitions().expect("partitions").is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while aside() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the folder set aside stayed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(manager);
+    // A crash between the rename and the removal leaves the folder aside: opening the
+    // data folder again removes it.
+    let left = dir.path().join("gone-0.1-delete");
+    fs::create_dir(&left).expect("mkdir");
+    fs::write(left.join("00000000000000000000.log"), b"left over").expect("write");
+    let _manager = LogManager::open(dir.path()).expect("reopen");
+    assert_eq!(aside(), 0);
+}
+
+#[test]
 fn rolls_on_age() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = LogConfig::default();
