@@ -236,10 +236,10 @@ fn map_writable(file: &File, path: &Path) -> Result<Map> {
     // SAFETY: as in `map_read_only`; the file was just sized to the full map length.
     let m = unsafe { MmapOptions::new().map_mut(file) }.map_err(|e| Error::io(path, e))?;
     // No readahead: the first entry written to a new index faulted in a whole readahead
-    // window of the preallocated file (8 MiB on this machine's disk), about 2 ms per
-    // index, and an append waited for both as a new segment took its first entries.
-    // Entries are written one page at a time and looked up by binary search anyway.
-    // Advice only: a kernel that refuses it leaves the map as it was.
+    // window of the preallocated file (8 MiB on a disk that reads ahead that far), about
+    // 2 ms per index, and an append waited for both as a new segment took its first
+    // entries. Entries are written one page at a time and looked up by binary search
+    // anyway. Advice only: a kernel that refuses it leaves the map as it was.
     let _ = m.advise(Advice::Random);
     Ok(Map::Writable(m))
 }

@@ -1,6 +1,7 @@
 //! One thread, started with the first job, that removes files in order away from
 //! whoever deleted them: unlinking a file evicts its pages from the page cache (about
-//! 0.15 s for a 1 GiB segment here), which an appending thread should not wait for.
+//! 0.15 s for a 1 GiB segment, measured), which an appending thread should not wait
+//! for.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::OnceLock;
