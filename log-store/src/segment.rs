@@ -648,7 +648,7 @@ impl Segment {
         // The active segment's map is already read-only and covers every byte written:
         // keep it. Mapping the file anew dropped the old map on the appending thread,
         // and unmapping the pages consumers had read through it held the appends behind
-        // the roll (5–6.5 ms for 256 MiB, under strace).
+        // the roll (4.7–6.5 ms for 256 MiB, under strace).
         let mapped = self.map.as_ref().map_or(0, |m| m.len() as u64);
         if mapped >= self.size {
             return Ok(());
