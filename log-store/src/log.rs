@@ -19,7 +19,9 @@ use crate::config::{FlushPolicy, LogConfig};
 use crate::epochs::EpochHistory;
 use crate::error::{Error, Result};
 use crate::retention::{segments_to_delete, SegmentStats};
-use crate::segment::{now_ms, sync_dir, AppendFailure, OpenMode, Segment, DELETED_SUFFIX};
+use crate::segment::{
+    now_ms, remove_if_present, sync_dir, AppendFailure, OpenMode, Segment, DELETED_SUFFIX,
+};
 use crate::tail::{TailAnchors, TailView};
 
 pub use crate::segment::{Truncation, Writeback};
@@ -175,12 +177,7 @@ impl Log {
                 // A truncation that did not finish (the original is still in place), or a
                 // deleted segment whose removal a crash cut short (or that the remover's
                 // thread is taking away right now: then it is gone already).
-                let path = entry.path();
-                match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(&path, e)),
-                }
+                remove_if_present(&entry.path())?;
             }
         }
         bases.sort_unstable();

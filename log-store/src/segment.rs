@@ -892,20 +892,14 @@ impl Segment {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 // A longer name may need a directory block that a full disk cannot give,
                 // and deleting is how a full disk gets room: unlink it here instead.
-                Err(_) => match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(&path, e)),
-                },
+                Err(_) => remove_if_present(&path)?,
             }
         }
         crate::remover::remove(Box::new(move || {
             drop(self);
             for path in renamed {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %path.display(), error = %e, "could not remove a deleted segment's file");
-                    }
+                if let Err(e) = remove_if_present(&path) {
+                    tracing::warn!(error = %e, "could not remove a deleted segment's file");
                 }
             }
         }));
@@ -925,14 +919,18 @@ fn deleted_name(path: &Path) -> PathBuf {
 /// Removes a segment's files, those that exist, without opening them.
 pub(crate) fn remove_files(dir: &Path, base: u64) -> Result<()> {
     for ext in ["log", "index", "timeindex"] {
-        let path = sibling(dir, base, ext);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&path, e)),
-        }
+        remove_if_present(&sibling(dir, base, ext))?;
     }
     Ok(())
+}
+
+/// Removes a file; one already gone counts as removed.
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
 
 /// Why an append failed, and whether the segment is still usable.

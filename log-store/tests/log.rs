@@ -295,21 +295,7 @@ fn deleted_segments_are_removed_away_from_the_log_and_on_reopen() {
     assert!(deleted > 0);
     // The names are gone at once; the files follow on the remover's thread.
     assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
-    let leftovers = || {
-        fs::read_dir(dir.path())
-            .expect("dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".deleted"))
-            .count()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while leftovers() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "deleted files still there"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_none_end_with(dir.path(), ".deleted");
     let start = log.log_start_offset();
     let end = log.log_end_offset();
     drop(log);
@@ -323,7 +309,7 @@ fn deleted_segments_are_removed_away_from_the_log_and_on_reopen() {
         .expect("write");
     }
     let log = Log::open(dir.path(), config).expect("reopen");
-    assert_eq!(leftovers(), 0);
+    assert_eq!(entries_ending(dir.path(), ".deleted"), 0);
     assert_eq!((log.log_start_offset(), log.log_end_offset()), (start, end));
     assert_eq!(values(&log.read(start, 100).expect("read"))[0].0, start);
 }
@@ -332,13 +318,6 @@ fn deleted_segments_are_removed_away_from_the_log_and_on_reopen() {
 fn a_deleted_partition_folder_goes_at_once_and_its_files_soon_after() {
     use sluice_log_store::manager::{LogManager, TopicPartition};
     let dir = tempfile::tempdir().expect("tempdir");
-    let aside = || {
-        fs::read_dir(dir.path())
-            .expect("dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with("-delete"))
-            .count()
-    };
     let manager = LogManager::open(dir.path()).expect("open");
     let tp = TopicPartition::new("gone", 0);
     let mut log = manager.create(&tp, small_config()).expect("create");
@@ -348,14 +327,7 @@ fn a_deleted_partition_folder_goes_at_once_and_its_files_soon_after() {
     manager.delete(log).expect("delete");
     assert!(!manager.partition_dir(&tp).exists());
     assert!(manager.partitions().expect("partitions").is_empty());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while aside() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the folder set aside stayed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_none_end_with(dir.path(), "-delete");
     drop(manager);
     // A crash between the rename and the removal leaves the folder aside: opening the
     // data folder again removes it.
@@ -363,7 +335,30 @@ fn a_deleted_partition_folder_goes_at_once_and_its_files_soon_after() {
     fs::create_dir(&left).expect("mkdir");
     fs::write(left.join("00000000000000000000.log"), b"left over").expect("write");
     let _manager = LogManager::open(dir.path()).expect("reopen");
-    assert_eq!(aside(), 0);
+    assert_eq!(entries_ending(dir.path(), "-delete"), 0);
+}
+
+/// How many entries of `dir` have names ending in `suffix`.
+fn entries_ending(dir: &std::path::Path, suffix: &str) -> usize {
+    fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+        .count()
+}
+
+/// Waits (up to 10 s, then fails) until no entry of `dir` ends in `suffix`: what the
+/// remover's thread takes away.
+fn wait_until_none_end_with(dir: &std::path::Path, suffix: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while entries_ending(dir, suffix) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries ending in {suffix} still in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
