@@ -308,15 +308,13 @@ async fn produce(global: &Global, args: ProduceBench) -> Result<(), CliError> {
             // a paced record's send time is when it fell due, and the producer stamps it.
             let mut record = move |j: u64, sent: Option<Instant>| {
                 let payload = &pool[(j as usize) % pool.len()];
-                let value = match (end_to_end, sent, schedule) {
-                    (false, ..) => payload.clone(),
-                    (true, Some(at), _) => stamp(&mut arena, payload, at.duration_since(started)),
-                    (true, None, Some(s)) => {
-                        stamp(&mut arena, payload, s.due(j).duration_since(started))
-                    }
-                    (true, None, None) => {
-                        stamp(&mut arena, payload, Instant::now().duration_since(started))
-                    }
+                let value = if end_to_end {
+                    let at = sent
+                        .or_else(|| schedule.map(|s| s.due(j)))
+                        .unwrap_or_else(Instant::now);
+                    stamp(&mut arena, payload, at.duration_since(started))
+                } else {
+                    payload.clone()
                 };
                 // The tool's own reading stamps the record, as an application stamps its
                 // events: the producer's wall-clock reading for a record without a
