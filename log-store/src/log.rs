@@ -93,8 +93,9 @@ pub struct Log {
 /// segment's, does not stall the producers behind it.
 #[derive(Debug)]
 pub struct BackgroundFlush {
-    /// The segment sealed without its fsync, synced first, with its base offset.
-    sealed: Option<(fs::File, PathBuf, u64)>,
+    /// The segment sealed without its fsync, synced first: its file, path, base
+    /// offset and size.
+    sealed: Option<(fs::File, PathBuf, u64, u64)>,
     /// The active segment, under `flush.policy=interval`.
     active: Option<(fs::File, PathBuf)>,
     upto: u64,
@@ -116,7 +117,9 @@ impl BackgroundFlush {
         let sync =
             |file: &fs::File, path: &PathBuf| file.sync_data().map_err(|e| Error::io(path, e));
         let result = match &self.sealed {
-            Some((file, path, _)) => sync(file, path),
+            Some((file, path, _, size)) => {
+                crate::segment::sync_sealed(file, *size).map_err(|e| Error::io(path, e))
+            }
             None => Ok(()),
         }
         .and_then(|()| match &self.active {
@@ -124,7 +127,7 @@ impl BackgroundFlush {
             None => Ok(()),
         });
         FlushDone {
-            sealed: self.sealed.map(|(_, _, base)| base),
+            sealed: self.sealed.map(|(_, _, base, _)| base),
             upto: self.upto,
             truncations: self.truncations,
             result,
@@ -589,6 +592,7 @@ impl Log {
                 seg.clone_file()?,
                 seg.log_path().to_path_buf(),
                 seg.base_offset(),
+                seg.size(),
                 seg.next_offset(),
             )),
             None => None,
@@ -600,13 +604,13 @@ impl Log {
             (Some(file), end)
         } else {
             match &sealed {
-                Some((_, _, _, sealed_end)) => (None, *sealed_end),
+                Some((_, _, _, _, sealed_end)) => (None, *sealed_end),
                 None => return Ok(None),
             }
         };
         self.flush_in_flight = true;
         Ok(Some(BackgroundFlush {
-            sealed: sealed.map(|(file, path, base, _)| (file, path, base)),
+            sealed: sealed.map(|(file, path, base, size, _)| (file, path, base, size)),
             active,
             upto,
             truncations: self.truncations,

@@ -133,6 +133,50 @@ impl Writeback {
     }
 }
 
+/// Bytes of a sealed segment written back, and waited for, at a time before its fsync.
+const SEALED_WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// Syncs the log file of a segment sealed without its fsync, whose first `len` bytes
+/// may all still be dirty (under `flush.policy=os`, a whole segment): written back a
+/// chunk at a time, each waited for before the next starts, then `fdatasync` for what
+/// is left (the file's size, the device's cache). One `fdatasync` of a whole 1 GiB
+/// segment queues every page at once, about 50 ms of one CPU in a single burst that
+/// the appends beside it wait behind; in chunks the same work comes in pieces of well
+/// under a millisecond between theirs, and the whole takes about as long (0.55 s
+/// against 0.47 s for 1 GiB, both under load: docs/benchmarks.md).
+pub(crate) fn sync_sealed(file: &File, len: u64) -> std::io::Result<()> {
+    let mut offset = 0u64;
+    while offset < len {
+        let nbytes = SEALED_WRITEBACK_CHUNK.min(len - offset);
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(nbytes),
+        ) else {
+            break;
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: sync_file_range(2) only reads its integer arguments; the descriptor
+        // is the caller's handle to the segment file, alive for the call.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                off,
+                n,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        if rc != 0 {
+            // Only a way to spread the work: the fdatasync below still syncs it all,
+            // and reports any error the writeback met.
+            break;
+        }
+        offset += nbytes;
+    }
+    file.sync_data()
+}
+
 impl Segment {
     /// Creates an empty active segment. On failure (a full disk, say) no file of it is
     /// left behind.

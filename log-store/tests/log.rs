@@ -920,6 +920,48 @@ fn fill_segments(log: &mut Log, segments: usize) -> usize {
 }
 
 #[test]
+fn a_sealed_segment_of_several_writeback_chunks_is_synced_whole() {
+    // The sealing fsync writes a segment back 8 MiB at a time: a segment of two chunks
+    // and a part of a third must come out whole, and count as on disk only after.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: (16 << 20) + (300 << 10),
+        flush: FlushPolicy::Os,
+        retention_ms: None,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.flush_interval_in_background();
+    let (mut appended, mut batches) = (0u64, 0u64);
+    while log.segment_count() < 2 {
+        log.append(&sized_batch(64, 1000, appended as i64), opts())
+            .expect("append");
+        appended += 64;
+        batches += 1;
+    }
+    let sealed_end = log.segment_base_offsets()[1];
+    assert!(log.size_bytes() > 16 << 20, "{}", log.size_bytes());
+    assert_eq!(log.recovery_point(), 0);
+    let job = log
+        .start_background_flush()
+        .expect("start")
+        .expect("the sealed segment's fsync is due");
+    log.finish_background_flush(job.run()).expect("finish");
+    assert_eq!(log.recovery_point(), sealed_end);
+    assert_eq!(log.verify().expect("verify"), batches);
+    log.close().expect("close");
+
+    let log = Log::open(dir.path(), config).expect("reopen");
+    assert_eq!(log.log_end_offset(), appended);
+    for from in [0, sealed_end - 1] {
+        let got = values(&log.read(from, 1 << 20).expect("read"));
+        let first = got.first().expect("a record");
+        assert_eq!(first.0, from - from % 64);
+        assert_eq!(first.1, "v".repeat(1000));
+    }
+}
+
+#[test]
 fn a_roll_leaves_the_sealing_fsync_to_the_owner() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log = owned_os_log(dir.path());
