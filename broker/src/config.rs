@@ -151,7 +151,7 @@ pub const MAX_NETWORK_THREADS: usize = 256;
 /// threads costs a wake-up, so fewer threads than CPUs serve requests with less CPU
 /// each; the other half is left to the threads that write, fsync and read the logs
 /// (on two CPUs, one network thread took a sixth to a third less broker CPU per produce
-/// request than two, at the same throughput: docs/benchmarks.md).
+/// request than two, at the same throughput: docs/benchmarks-history.md).
 fn default_network_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }

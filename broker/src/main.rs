@@ -32,7 +32,7 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     // Every request's buffers are fresh: reuse freed ones rather than fault new pages in
-    // (about a sixth less broker CPU for 1 KiB records, docs/benchmarks.md).
+    // (about a sixth less broker CPU for 1 KiB records, docs/benchmarks-history.md).
     sluice_log_store::memory::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -29,7 +29,7 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// 256 KiB batch came in sixteen frames, each decoded, flow-controlled and handed on by
 /// itself; in one frame, 1 KiB records went about 1.5 times as fast on a third to a half
 /// less broker CPU, and a consumer on a backlog read about a third faster
-/// (docs/benchmarks.md).
+/// (docs/benchmarks-history.md).
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// The `ErrorInfo` domain of Sluice's reasons.

@@ -4,9 +4,10 @@
 //! This crate is a workspace of its own so that the peers' clients never change how
 //! Sluice itself is built: `rabbitmq-stream-client` turns on tokio's `full` features,
 //! and in one build with it every binary's tokio gets `parking_lot` locks, whose
-//! spinning calls `sched_yield` (see docs/benchmarks.md, "No parking_lot"). For the same
-//! reason `rabbit-load` is a package of its own here (`rabbit/`), built apart from this
-//! one, so the NATS and Redis tools run on the same tokio as Sluice's load tool.
+//! spinning calls `sched_yield` (see docs/benchmarks-history.md, "No parking_lot").
+//! For the same reason `rabbit-load` is a package of its own here (`rabbit/`), built
+//! apart from this one, so the NATS and Redis tools run on the same tokio as Sluice's
+//! load tool.
 
 /// The record values a peer's load generator cycles through: `count` values of `size`
 /// bytes, each half pseudo-random (seeded by its position) and half constant.

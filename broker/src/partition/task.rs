@@ -199,7 +199,8 @@ const INLINE_ROUND_BYTES: usize = 256 * 1024;
 /// blocking thread: only appends, together at most `INLINE_ROUND_BYTES` (a copy into the
 /// page cache of tens of µs), into the active segment, with no fsync. Handing a round to
 /// another thread and back costs two wake-ups, more than such a round itself (on two
-/// CPUs about a quarter of the broker's CPU per produce request: docs/benchmarks.md).
+/// CPUs about a quarter of the broker's CPU per produce request:
+/// docs/benchmarks-history.md).
 /// Everything that may wait on the disk (fsync, new segments, retention, reads that
 /// fault pages in) still goes to a blocking thread, and so does early writeback under
 /// `flush.policy=interval` (`sync_file_range`, which may wait for the block layer).
