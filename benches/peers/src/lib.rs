@@ -97,6 +97,22 @@ impl Summary {
     }
 }
 
+/// Prints a read-back of the stream (the consume-backlog workload): `records` read by
+/// one consumer in `secs`, as one JSON line (`consumed`, `seconds`, `consumed_per_sec`)
+/// or as a line of text, after the line `Summary::print_sent` printed.
+pub fn print_consumed(records: u64, secs: f64, record_size: usize, json: bool) {
+    let secs = secs.max(1e-9);
+    let rate = records as f64 / secs;
+    if json {
+        println!("{{\"consumed\":{records},\"seconds\":{secs:.3},\"consumed_per_sec\":{rate:.0}}}");
+    } else {
+        println!(
+            "{records} records read back by one consumer in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s)",
+            rate * record_size as f64 / 1e6
+        );
+    }
+}
+
 /// Producer `i`'s share when `records` are split over `producers` (the first ones take
 /// the remainder).
 pub fn share(records: u64, producers: u32, i: u32) -> u64 {
@@ -129,7 +145,11 @@ pub struct LoadArgs {
     /// the next record is due.
     #[arg(long, default_value_t = 0)]
     pub wake_gap_us: u64,
-    /// Print one JSON line instead of text.
+    /// After sending, read the whole stream back from its first record with one
+    /// consumer and report records/s (`print_consumed`): the consume-backlog workload.
+    #[arg(long)]
+    pub consume: bool,
+    /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
 }

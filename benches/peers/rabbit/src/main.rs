@@ -1,16 +1,19 @@
 //! A load generator for RabbitMQ streams, a peer `benches/compare` measures Sluice
 //! against: publishes fixed-size records to a stream over the stream protocol with a
 //! window of publishes awaiting their confirms, and prints records/s and confirm
-//! latency percentiles in the same shape as `nats-load`.
+//! latency percentiles in the same shape as `nats-load`. With `--consume` it then
+//! reads the stream back from its first record with one consumer (the consume-backlog
+//! workload) and prints records/s as `print_consumed` does.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rabbitmq_stream_client::types::Message;
+use rabbitmq_stream_client::types::{Message, MessageResult, OffsetSpecification, ResponseKind};
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, share, LoadArgs, Summary};
+use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -151,6 +154,126 @@ async fn replicas(port: u16, stream: &str) -> Result<usize, BoxError> {
     Ok(meta.get(stream).map_or(0, |m| m.replicas.len()))
 }
 
+/// Chunks the server may send the read-back consumer ahead of its credits, given at
+/// subscribe; each chunk that arrives hands one back. The client's own consumer (0.3)
+/// subscribes with 1, so every chunk waits a round trip for the one before it to reach
+/// the client; 10 keeps chunks coming while those credits travel (it is what the Java
+/// client's consumer builder starts with) and still bounds what the server pushes ahead
+/// of a slow reader to 10 chunks.
+const CONSUME_CREDITS: u16 = 10;
+
+/// Longest the read-back waits for any one step (connecting, subscribing, the next
+/// chunk, unsubscribing) before it gives up with an error instead of hanging the run.
+const CONSUME_WAIT: Duration = Duration::from_secs(30);
+
+/// The subscription the read-back's connection opens (its only one).
+const SUBSCRIPTION: u8 = 1;
+
+/// One chunk as the read-back's handler reports it: its record count, or why the read
+/// cannot go on.
+type Chunk = Result<u64, String>;
+
+/// `what`, or an error naming it if it takes longer than `CONSUME_WAIT`.
+async fn within<T, E: Into<BoxError>>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, BoxError> {
+    match tokio::time::timeout(CONSUME_WAIT, work).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(format!("{what}: nothing for {} s", CONSUME_WAIT.as_secs()).into()),
+    }
+}
+
+/// Reads the stream back from its first record with one consumer until `records` have
+/// arrived: the records that arrived (`records`, or more if records whose publish
+/// failed were stored anyway) and the seconds from just before the consumer was built
+/// until the last of them arrived.
+///
+/// The consumer is the client's raw one (a `Client` subscribed with a handler), not the
+/// `Environment`'s consumer builder: in 0.3 the builder's consumer is only read as a
+/// `futures` `Stream`, a crate this package does not depend on, and it fixes the initial
+/// credit at 1 (see `CONSUME_CREDITS`). The handler does what the builder's does, one
+/// credit back per chunk, but counts the chunk's records instead of queueing each one.
+/// Like `replicas`, it reaches the server as `localhost` at `port`, and reads from
+/// that node's copy of the stream.
+async fn consume(port: u16, stream: &str, records: u64) -> Result<(u64, f64), BoxError> {
+    let mut opts = ClientOptions::default();
+    opts.set_port(port);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
+    let started = Instant::now();
+    let client = within("connecting the consumer", Client::connect(opts)).await?;
+    let crediting = client.clone();
+    client
+        .set_handler(move |item: MessageResult| {
+            let tx = tx.clone();
+            let client = crediting.clone();
+            async move {
+                let chunk = match item {
+                    Some(Ok(response)) => match response.kind_ref() {
+                        ResponseKind::Deliver(chunk) => {
+                            // Credit before counting, so the next chunk is on its way
+                            // while this one is reported.
+                            Some(match client.credit(SUBSCRIPTION, 1).await {
+                                Ok(()) => Ok(chunk.messages.len() as u64),
+                                Err(e) => Err(format!("credit not sent: {e}")),
+                            })
+                        }
+                        ResponseKind::Credit(refused) => {
+                            Some(Err(format!("credit refused: {refused:?}")))
+                        }
+                        ResponseKind::MetadataUpdate(update) => {
+                            Some(Err(format!("stream changed: {update:?}")))
+                        }
+                        _ => None,
+                    },
+                    Some(Err(e)) => Some(Err(e.to_string())),
+                    None => Some(Err("connection closed".to_owned())),
+                };
+                if let Some(chunk) = chunk {
+                    // A closed channel means the read-back is already over.
+                    let _ = tx.send(chunk);
+                }
+                Ok(())
+            }
+        })
+        .await;
+    let subscribed = within(
+        "subscribing",
+        client.subscribe(
+            SUBSCRIPTION,
+            stream,
+            OffsetSpecification::First,
+            CONSUME_CREDITS,
+            HashMap::new(),
+        ),
+    )
+    .await?;
+    if !subscribed.is_ok() {
+        return Err(format!("subscribing to {stream} refused: {:?}", subscribed.code()).into());
+    }
+    let mut count = 0u64;
+    while count < records {
+        let chunk = match tokio::time::timeout(CONSUME_WAIT, rx.recv()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => Err("handler dropped".to_owned()),
+            Err(_) => Err(format!("no delivery for {} s", CONSUME_WAIT.as_secs())),
+        };
+        match chunk {
+            Ok(n) => count += n,
+            Err(e) => {
+                return Err(format!("read back {count} of {records} records, then: {e}").into())
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let unsubscribed = within("unsubscribing", client.unsubscribe(SUBSCRIPTION)).await?;
+    if !unsubscribed.is_ok() {
+        return Err(format!("unsubscribing refused: {:?}", unsubscribed.code()).into());
+    }
+    within("closing the consumer", client.close()).await?;
+    Ok((count, secs))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
@@ -212,9 +335,24 @@ async fn main() -> Result<(), BoxError> {
             rate * args.load.record_size as f64 / 1e6
         );
     }
+    // Read back before the stream is deleted; a failed read-back still lets it be.
+    let consumed = if args.load.consume {
+        consume(args.port, &args.stream, confirmed)
+            .await
+            .map(|(count, secs)| {
+                print_consumed(count, secs, args.load.record_size, args.load.json);
+            })
+    } else {
+        Ok(())
+    };
     let _ = env.delete_stream(&args.stream).await;
     match first_error {
-        Some(e) => Err(format!("{failed} records failed; first error: {e}").into()),
-        None => Ok(()),
+        Some(e) => {
+            if let Err(read) = consumed {
+                eprintln!("reading back failed too: {read}");
+            }
+            Err(format!("{failed} records failed; first error: {e}").into())
+        }
+        None => consumed,
     }
 }

@@ -1,15 +1,17 @@
 //! A load generator for NATS JetStream, the peer `benches/compare` measures Sluice
 //! against: publishes fixed-size records to a file-backed stream with a window of
 //! publishes awaiting their acks, and prints records/s and ack latency percentiles in
-//! the same shape as `sluice bench produce`.
+//! the same shape as `sluice bench produce`. With `--consume` it then reads the stream
+//! back from its first record with one consumer (the consume-backlog workload).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
 use clap::Parser;
+use futures_util::StreamExt;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, share, LoadArgs, Summary};
+use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -145,6 +147,77 @@ async fn publish(
     waiter.await?
 }
 
+/// Longest the read-back waits for its next record before giving up, so that a stream
+/// holding fewer records than were sent (or a server gone quiet) fails the run instead
+/// of hanging it.
+const CONSUME_IDLE: Duration = Duration::from_secs(30);
+
+/// Records each pull request of the read-back asks for. The client asks again once half
+/// a request has arrived, so one is always outstanding and the server never waits on
+/// the client; batches from 1,000 to 30,000 read about as fast. It stays well under the
+/// 65,536 messages a subscription buffers (at most one and a half requests are in
+/// flight), past which async-nats would drop messages as a slow consumer's.
+const CONSUME_BATCH: usize = 10_000;
+
+/// Reads `stream` back from its first record with one consumer until `records` have
+/// arrived, and returns how many did and the seconds from just before the consumer's
+/// creation to the last one's arrival.
+///
+/// The consumer is a pull consumer that delivers all and acks none, read through its
+/// `messages()` stream of overlapping pull requests: no acks to send and no
+/// per-record bookkeeping. Of what async-nats 0.46 offers for a replay it read a
+/// backlog fastest, with an ordered push consumer (flow control, each record's reply
+/// subject parsed to check its sequence) as fast and an ordered pull consumer (the same
+/// check, requests fixed at 500 records) some 40% slower. A push consumer without flow
+/// control could outrun the client and lose records as a slow consumer's.
+async fn consume(
+    js: &jetstream::Context,
+    stream: &str,
+    records: u64,
+) -> Result<(u64, f64), BoxError> {
+    let started = Instant::now();
+    let reader = js
+        .create_consumer_on_stream(
+            consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            },
+            stream,
+        )
+        .await?;
+    let mut messages = reader
+        .stream()
+        .max_messages_per_batch(CONSUME_BATCH)
+        .messages()
+        .await?;
+    let mut count = 0;
+    let mut last = None;
+    while count < records {
+        let message = tokio::time::timeout(CONSUME_IDLE, messages.next())
+            .await
+            .map_err(|_| {
+                format!("no record read back for {CONSUME_IDLE:?} after {count} of {records}")
+            })?
+            .ok_or_else(|| format!("the consumer ended after {count} of {records} records"))??;
+        count += 1;
+        last = Some(message);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Delivery is in stream order from the first record, so the last one read being
+    // the stream's record `records` shows each was read once: none missed, none twice.
+    if let Some(last) = last {
+        let sequence = last.info()?.stream_sequence;
+        if sequence != records {
+            return Err(format!(
+                "read {records} records back but the last was stream sequence {sequence}"
+            )
+            .into());
+        }
+    }
+    Ok((count, secs))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
@@ -178,6 +251,16 @@ async fn main() -> Result<(), BoxError> {
     }
     Summary::of(args.load.records, started, &mut latencies)
         .print_sent(args.load.record_size, args.load.json);
+    let consumed = if args.load.consume {
+        Some(consume(&js, &args.stream, args.load.records).await)
+    } else {
+        None
+    };
+    // The stream goes even when its read-back failed.
     let _ = js.delete_stream(&args.stream).await;
+    if let Some(consumed) = consumed {
+        let (count, secs) = consumed?;
+        print_consumed(count, secs, args.load.record_size, args.load.json);
+    }
     Ok(())
 }
