@@ -168,9 +168,15 @@ pub(crate) fn sync_sealed(file: &File, len: u64) -> std::io::Result<()> {
             )
         };
         if rc != 0 {
-            // Only a way to spread the work: the fdatasync below still syncs it all,
-            // and reports any error the writeback met.
-            break;
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                // Not a file this call works on: the fdatasync below does it all.
+                Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EOPNOTSUPP) => break,
+                // A failed writeback is reported once per open file: waiting for it
+                // here took the report, and an fdatasync after it would succeed as if
+                // the pages had reached the disk.
+                _ => return Err(err),
+            }
         }
         offset += nbytes;
     }
