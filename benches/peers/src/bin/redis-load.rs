@@ -498,19 +498,25 @@ async fn consume(args: &Args) -> Result<f64, BoxError> {
     Ok(secs)
 }
 
+/// Reads the stream back (`consume`) and prints the consumer's line.
+async fn read_back(args: &Args) -> Result<(), BoxError> {
+    let secs = consume(args).await?;
+    print_consumed(
+        args.load.records,
+        secs,
+        args.load.record_size,
+        args.load.json,
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Arc::new(Args::parse());
     args.load.check()?;
     if args.consume_only {
         // The stream is someone else's: it is neither deleted nor written.
-        let secs = consume(&args).await?;
-        print_consumed(
-            args.load.records,
-            secs,
-            args.load.record_size,
-            args.load.json,
-        );
+        read_back(&args).await?;
         return Ok(());
     }
     command(&args.addr, &[b"DEL", args.stream.as_bytes()]).await?;
@@ -533,13 +539,7 @@ async fn main() -> Result<(), BoxError> {
     Summary::of(args.load.records, started, &mut latencies)
         .print_sent(args.load.record_size, args.load.json);
     if args.load.consume {
-        let secs = consume(&args).await?;
-        print_consumed(
-            args.load.records,
-            secs,
-            args.load.record_size,
-            args.load.json,
-        );
+        read_back(&args).await?;
     }
     Ok(())
 }
