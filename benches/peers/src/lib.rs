@@ -113,6 +113,25 @@ pub fn print_consumed(records: u64, secs: f64, record_size: usize, json: bool) {
     }
 }
 
+/// Longest a read-back waits for any one step (connecting, a request, the next records)
+/// before it gives up with an error, so a stream holding fewer records than were sent,
+/// or a server gone quiet, fails the run instead of hanging it.
+pub const READ_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `work`, or an error naming `what` if it takes longer than `READ_BACK_WAIT`.
+pub async fn within<T, E>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Box<dyn std::error::Error + Send + Sync>>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match tokio::time::timeout(READ_BACK_WAIT, work).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(format!("{what}: nothing for {} s", READ_BACK_WAIT.as_secs()).into()),
+    }
+}
+
 /// Producer `i`'s share when `records` are split over `producers` (the first ones take
 /// the remainder).
 pub fn share(records: u64, producers: u32, i: u32) -> u64 {

@@ -13,7 +13,9 @@ use clap::Parser;
 use rabbitmq_stream_client::types::{Message, MessageResult, OffsetSpecification, ResponseKind};
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary};
+use sluice_peer_load::{
+    peer_payloads, print_consumed, share, within, LoadArgs, Summary, READ_BACK_WAIT,
+};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -162,27 +164,12 @@ async fn replicas(port: u16, stream: &str) -> Result<usize, BoxError> {
 /// of a slow reader to 10 chunks.
 const CONSUME_CREDITS: u16 = 10;
 
-/// Longest the read-back waits for any one step (connecting, subscribing, the next
-/// chunk, unsubscribing) before it gives up with an error instead of hanging the run.
-const CONSUME_WAIT: Duration = Duration::from_secs(30);
-
 /// The subscription the read-back's connection opens (its only one).
 const SUBSCRIPTION: u8 = 1;
 
 /// One chunk as the read-back's handler reports it: its record count, or why the read
 /// cannot go on.
 type Chunk = Result<u64, String>;
-
-/// `what`, or an error naming it if it takes longer than `CONSUME_WAIT`.
-async fn within<T, E: Into<BoxError>>(
-    what: &str,
-    work: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, BoxError> {
-    match tokio::time::timeout(CONSUME_WAIT, work).await {
-        Ok(done) => done.map_err(Into::into),
-        Err(_) => Err(format!("{what}: nothing for {} s", CONSUME_WAIT.as_secs()).into()),
-    }
-}
 
 /// Reads the stream back from its first record with one consumer until `records` have
 /// arrived: the records that arrived (`records`, or more if records whose publish
@@ -253,10 +240,10 @@ async fn consume(port: u16, stream: &str, records: u64) -> Result<(u64, f64), Bo
     }
     let mut count = 0u64;
     while count < records {
-        let chunk = match tokio::time::timeout(CONSUME_WAIT, rx.recv()).await {
+        let chunk = match tokio::time::timeout(READ_BACK_WAIT, rx.recv()).await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => Err("handler dropped".to_owned()),
-            Err(_) => Err(format!("no delivery for {} s", CONSUME_WAIT.as_secs())),
+            Err(_) => Err(format!("no delivery for {} s", READ_BACK_WAIT.as_secs())),
         };
         match chunk {
             Ok(n) => count += n,

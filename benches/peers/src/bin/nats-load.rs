@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
 use clap::Parser;
 use futures_util::StreamExt;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary};
+use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary, READ_BACK_WAIT};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -147,11 +147,6 @@ async fn publish(
     waiter.await?
 }
 
-/// Longest the read-back waits for its next record before giving up, so that a stream
-/// holding fewer records than were sent (or a server gone quiet) fails the run instead
-/// of hanging it.
-const CONSUME_IDLE: Duration = Duration::from_secs(30);
-
 /// Records each pull request of the read-back asks for. The client asks again once half
 /// a request has arrived, so one is always outstanding and the server never waits on
 /// the client; batches from 1,000 to 30,000 read about as fast. It stays well under the
@@ -194,10 +189,10 @@ async fn consume(
     let mut count = 0;
     let mut last = None;
     while count < records {
-        let message = tokio::time::timeout(CONSUME_IDLE, messages.next())
+        let message = tokio::time::timeout(READ_BACK_WAIT, messages.next())
             .await
             .map_err(|_| {
-                format!("no record read back for {CONSUME_IDLE:?} after {count} of {records}")
+                format!("no record read back for {READ_BACK_WAIT:?} after {count} of {records}")
             })?
             .ok_or_else(|| format!("the consumer ended after {count} of {records} records"))??;
         count += 1;

@@ -8,12 +8,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use clap::Parser;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary};
+use sluice_peer_load::{peer_payloads, print_consumed, share, within, LoadArgs, Summary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -47,10 +47,6 @@ const FLAT_OUT_GROUP: usize = 1000;
 /// a shared 2-CPU machine, 1,000 to 30,000 went at the same rate within the noise (in a
 /// quiet spell, medians of 1.83–2.08 M records/s), 100,000 clearly slower (1.42 M).
 const CONSUME_BATCH: u64 = 10_000;
-
-/// How long the read-back waits on the server (to connect, to write, or for more of a
-/// reply) before it gives up, so that the tool never hangs.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Appends `XADD <stream> * v <value>` in RESP to `out`.
 fn encode_xadd(out: &mut Vec<u8>, stream: &[u8], value: &[u8]) {
@@ -383,17 +379,6 @@ impl RespParser {
             }
             return Ok(Some(value));
         }
-    }
-}
-
-/// `fut`, or an error saying what was awaited if it takes longer than `IDLE_TIMEOUT`.
-async fn within<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = std::io::Result<T>>,
-) -> Result<T, BoxError> {
-    match tokio::time::timeout(IDLE_TIMEOUT, fut).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(format!("no progress in {} s {what}", IDLE_TIMEOUT.as_secs()).into()),
     }
 }
 
