@@ -481,6 +481,105 @@ async fn a_fetch_stream_answers_as_records_arrive_and_follows_the_latest_request
     assert!(matches!(end, Ok(None)), "a clean end, got {end:?}");
 }
 
+/// Under a `max_bytes` smaller than the partitions have to give, a fetch stream serves
+/// them in turn (each answer starts after the last partition the one before served, as
+/// Kafka's fetch sessions do) rather than the first until it is read to the end, no
+/// answer passes `max_bytes` with a second partition's batch, and every batch still
+/// arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_stream_under_a_small_max_bytes_serves_partitions_in_turn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(NewTopic::new("turns", 3))
+        .await
+        .expect("create");
+    let mut produce = ProduceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    const BATCHES: u64 = 6;
+    let batch_len = batch(10, 100).len();
+    for partition in 0..3 {
+        for _ in 0..BATCHES {
+            produce
+                .produce(ProduceRequest {
+                    topic: "turns".into(),
+                    partition,
+                    records: batch(10, 100),
+                    acks: WireAcks::Leader as i32,
+                    timeout_ms: 0,
+                })
+                .await
+                .expect("produce");
+        }
+    }
+    // Room for two batches and a half: two from one partition, then no room for the
+    // next partition's first.
+    let max_bytes = batch_len * 5 / 2;
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    let outbound = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut fetch = FetchServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    requests
+        .send(FetchRequest {
+            partitions: (0..3)
+                .map(|partition| FetchPartition {
+                    topic: "turns".into(),
+                    partition,
+                    fetch_offset: 0,
+                    partition_max_bytes: 0,
+                })
+                .collect(),
+            max_wait_ms: 200,
+            min_bytes: 1,
+            max_bytes: max_bytes as u32,
+            member: None,
+            request_id: 1,
+        })
+        .await
+        .expect("ask");
+    let mut answers = fetch
+        .fetch_stream(outbound)
+        .await
+        .expect("stream opens")
+        .into_inner();
+
+    let mut served = Vec::new();
+    let mut next_base = [0u64; 3];
+    while next_base.iter().any(|&b| b < BATCHES * 10) {
+        let answer = next_answer(&mut answers, "while records remain").await;
+        let total: usize = answer.partitions.iter().map(|p| p.records.len()).sum();
+        assert!(
+            total <= max_bytes,
+            "{total} bytes in an answer of at most {max_bytes}"
+        );
+        let mut partitions = Vec::new();
+        for p in &answer.partitions {
+            assert!(p.error.is_none(), "{:?}", p.error);
+            let i = p.partition as usize;
+            for b in sluice_log_store::BatchIter::new(p.records.clone()) {
+                let base = b.expect("a whole batch").header().base_offset;
+                assert_eq!(base, next_base[i], "partition {i}: no gap and no repeat");
+                next_base[i] += 10;
+            }
+            if !p.records.is_empty() {
+                partitions.push(i);
+            }
+        }
+        assert_eq!(partitions.len(), 1, "one partition's batches per answer");
+        served.push(partitions[0]);
+        assert!(served.len() <= 9, "answers: {served:?}");
+    }
+    assert_eq!(
+        served,
+        vec![0, 1, 2, 0, 1, 2, 0, 1, 2],
+        "partitions served in turn"
+    );
+}
+
 /// The broker reads produce streams from the HTTP/2 frames itself; a stock gRPC client
 /// (one frame per message, unlike Sluice's producer) must get the same answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

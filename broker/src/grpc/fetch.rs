@@ -49,6 +49,156 @@ impl FetchSvc {
     pub fn new(ctx: Arc<Context>) -> Self {
         FetchSvc { ctx }
     }
+
+    /// Answers `req` as `Fetch` does, filling partitions from the one at `start` on
+    /// (then from the first): the answer, and where the next answer to the same request
+    /// should start filling, just after the last partition this one gave records to (as
+    /// Kafka's fetch sessions move such partitions to the back). Under a `max_bytes`
+    /// smaller than the partitions have to give, a stream then serves them in turn
+    /// instead of the first ones until they are read to the end. The answer lists the
+    /// partitions in the request's order whatever the start.
+    async fn fetch_from(
+        &self,
+        req: FetchRequest,
+        start: usize,
+    ) -> Result<(FetchResponse, usize), Status> {
+        // Only the coordinator knows the group; fetches elsewhere are not checked.
+        let member = req
+            .member
+            .as_ref()
+            .filter(|m| self.ctx.groups.coordinates(&m.group_id));
+        if let Some(m) = member {
+            // A group member may read only what the coordinator gave it.
+            let mut tps = Vec::with_capacity(req.partitions.len());
+            for p in &req.partitions {
+                let partition = u32::try_from(p.partition).map_err(|_| {
+                    super::to_status(&BrokerError::InvalidRequest(format!(
+                        "partition {} of {} is negative",
+                        p.partition, p.topic
+                    )))
+                })?;
+                tps.push((p.topic.clone(), partition));
+            }
+            self.ctx
+                .groups
+                .check_fetch(m.group_id.clone(), m.member_id.clone(), m.member_epoch, tps)
+                .await
+                .map_err(|e| super::to_status(&e))?;
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
+        let min_bytes = req.min_bytes.max(1) as usize;
+        let max_bytes = match req.max_bytes {
+            0 => DEFAULT_MAX_BYTES,
+            n => n as usize,
+        };
+        let n = req.partitions.len();
+        let start = if n == 0 { 0 } else { start % n };
+        loop {
+            // Subscribe before reading, so data that lands in between still wakes us.
+            let mut watches = Vec::new();
+            let mut out: Vec<FetchPartitionResponse> = req
+                .partitions
+                .iter()
+                .map(|fp| FetchPartitionResponse {
+                    topic: fp.topic.clone(),
+                    partition: fp.partition,
+                    ..Default::default()
+                })
+                .collect();
+            let mut total = 0usize;
+            let mut any_error = false;
+            let mut last_served = None;
+            for i in (start..n).chain(0..start) {
+                let fp = &req.partitions[i];
+                let room = max_bytes.saturating_sub(total);
+                let result = async {
+                    let p = lookup(&self.ctx, &fp.topic, fp.partition)?;
+                    let watch = p.subscribe();
+                    let now = *watch.borrow();
+                    watches.push(watch);
+                    let offset = u64::try_from(fp.fetch_offset).map_err(|_| {
+                        BrokerError::OffsetOutOfRange {
+                            offset: 0,
+                            log_start_offset: p.state().log_start_offset,
+                            high_watermark: p.state().high_watermark,
+                        }
+                    })?;
+                    let budget = match fp.partition_max_bytes {
+                        0 => DEFAULT_PARTITION_MAX_BYTES,
+                        n => n as usize,
+                    }
+                    .min(room);
+                    let caught_up = now.holds(offset) && offset >= now.high_watermark;
+                    if caught_up || (budget == 0 && total > 0) {
+                        // Nothing to read yet (the watch wakes us when there is), or no
+                        // room left: no round trip to the partition task for an empty
+                        // answer.
+                        return Ok((now, bytes::Bytes::new()));
+                    }
+                    if now.holds(offset) {
+                        // A reader near the end is served from what the partition last
+                        // published, without waiting for a round of its task.
+                        let recent = p.read_recent(offset, budget.max(1), now.high_watermark);
+                        if let Some(data) = recent {
+                            return Ok((now, data));
+                        }
+                    }
+                    let data = p.read(offset, budget.max(1)).await?;
+                    Ok::<_, BrokerError>((p.state(), data))
+                }
+                .await;
+                let resp = &mut out[i];
+                match result {
+                    Ok((state, mut data)) => {
+                        resp.high_watermark = state.high_watermark as i64;
+                        resp.log_start_offset = state.log_start_offset as i64;
+                        if total > 0 && data.len() > room {
+                            // A read gives at least one batch, however large; as in
+                            // Kafka only the answer's first records may pass
+                            // `max_bytes`, and this partition waits for its turn.
+                            data = bytes::Bytes::new();
+                        }
+                        if !data.is_empty() {
+                            last_served = Some(i);
+                        }
+                        total += data.len();
+                        resp.records = data;
+                    }
+                    Err(e) => {
+                        any_error = true;
+                        resp.high_watermark = -1;
+                        resp.log_start_offset = -1;
+                        resp.error = Some(to_error(&e));
+                    }
+                }
+            }
+            if total >= min_bytes || any_error || watches.is_empty() || Instant::now() >= deadline {
+                let response = FetchResponse {
+                    partitions: out,
+                    request_id: 0,
+                };
+                let next = last_served.map_or(start, |i| (i + 1) % n);
+                return Ok((response, next));
+            }
+            // Wait for any partition's offsets to move, or the deadline.
+            let changes = watches
+                .iter_mut()
+                .map(|w| w.changed().boxed())
+                .collect::<Vec<_>>();
+            tokio::select! {
+                _ = select_all(changes) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                () = self.ctx.stopped() => {
+                    let response = FetchResponse {
+                        partitions: out,
+                        request_id: 0,
+                    };
+                    return Ok((response, start));
+                }
+            }
+        }
+    }
 }
 
 /// `FetchService` as the server routes it: `Fetch` answers with each partition's
@@ -106,7 +256,7 @@ const STREAM_AHEAD: usize = 1;
 /// What woke a `FetchStream` call's loop.
 enum Woke {
     Asked(Result<Option<super::framing::Message>, Status>),
-    Answered(Result<Response<FetchResponse>, Status>),
+    Answered(Result<(FetchResponse, usize), Status>),
     Stopped,
 }
 
@@ -119,6 +269,9 @@ async fn stream_answers(
     answers: mpsc::Sender<Result<Pieces, Status>>,
 ) {
     let mut current: Option<FetchRequest> = None;
+    // Where the next answer starts filling (`FetchSvc::fetch_from`); kept across
+    // requests, so a client that asks anew after every answer is served in turn too.
+    let mut start = 0;
     loop {
         // A request that arrives while the last is long-polling replaces it; dropping
         // the poll loses nothing, as it has sent nothing.
@@ -128,7 +281,7 @@ async fn stream_answers(
             () = svc.ctx.stopped() => Woke::Stopped,
             () = answers.closed() => return,
             m = requests.next() => Woke::Asked(m),
-            a = svc.fetch(Request::new(asked)), if current.is_some() => Woke::Answered(a),
+            a = svc.fetch_from(asked, start), if current.is_some() => Woke::Answered(a),
         };
         let failed = match woke {
             Woke::Stopped | Woke::Asked(Ok(None)) => return,
@@ -145,8 +298,8 @@ async fn stream_answers(
                 Err(e) => Status::invalid_argument(format!("invalid request: {e}")),
             },
             Woke::Asked(Err(status)) | Woke::Answered(Err(status)) => status,
-            Woke::Answered(Ok(response)) => {
-                let mut response = response.into_inner();
+            Woke::Answered(Ok((mut response, next))) => {
+                start = next;
                 let Some(request) = current.as_mut() else {
                     continue;
                 };
@@ -268,122 +421,8 @@ impl FetchService for FetchSvc {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
-        let req = request.into_inner();
-        // Only the coordinator knows the group; fetches elsewhere are not checked.
-        let member = req
-            .member
-            .as_ref()
-            .filter(|m| self.ctx.groups.coordinates(&m.group_id));
-        if let Some(m) = member {
-            // A group member may read only what the coordinator gave it.
-            let mut tps = Vec::with_capacity(req.partitions.len());
-            for p in &req.partitions {
-                let partition = u32::try_from(p.partition).map_err(|_| {
-                    super::to_status(&BrokerError::InvalidRequest(format!(
-                        "partition {} of {} is negative",
-                        p.partition, p.topic
-                    )))
-                })?;
-                tps.push((p.topic.clone(), partition));
-            }
-            self.ctx
-                .groups
-                .check_fetch(m.group_id.clone(), m.member_id.clone(), m.member_epoch, tps)
-                .await
-                .map_err(|e| super::to_status(&e))?;
-        }
-        let deadline =
-            Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
-        let min_bytes = req.min_bytes.max(1) as usize;
-        let max_bytes = match req.max_bytes {
-            0 => DEFAULT_MAX_BYTES,
-            n => n as usize,
-        };
-        loop {
-            // Subscribe before reading, so data that lands in between still wakes us.
-            let mut watches = Vec::new();
-            let mut out = Vec::with_capacity(req.partitions.len());
-            let mut total = 0usize;
-            let mut any_error = false;
-            for fp in &req.partitions {
-                let mut resp = FetchPartitionResponse {
-                    topic: fp.topic.clone(),
-                    partition: fp.partition,
-                    ..Default::default()
-                };
-                let result = async {
-                    let p = lookup(&self.ctx, &fp.topic, fp.partition)?;
-                    let watch = p.subscribe();
-                    let now = *watch.borrow();
-                    watches.push(watch);
-                    let offset = u64::try_from(fp.fetch_offset).map_err(|_| {
-                        BrokerError::OffsetOutOfRange {
-                            offset: 0,
-                            log_start_offset: p.state().log_start_offset,
-                            high_watermark: p.state().high_watermark,
-                        }
-                    })?;
-                    let budget = match fp.partition_max_bytes {
-                        0 => DEFAULT_PARTITION_MAX_BYTES,
-                        n => n as usize,
-                    }
-                    .min(max_bytes.saturating_sub(total));
-                    let caught_up = now.holds(offset) && offset >= now.high_watermark;
-                    if caught_up || (budget == 0 && total > 0) {
-                        // Nothing to read yet (the watch wakes us when there is): no
-                        // round trip to the partition task for an empty answer.
-                        return Ok((now, bytes::Bytes::new()));
-                    }
-                    if now.holds(offset) {
-                        // A reader near the end is served from what the partition last
-                        // published, without waiting for a round of its task.
-                        let recent = p.read_recent(offset, budget.max(1), now.high_watermark);
-                        if let Some(data) = recent {
-                            return Ok((now, data));
-                        }
-                    }
-                    let data = p.read(offset, budget.max(1)).await?;
-                    Ok::<_, BrokerError>((p.state(), data))
-                }
-                .await;
-                match result {
-                    Ok((state, data)) => {
-                        resp.high_watermark = state.high_watermark as i64;
-                        resp.log_start_offset = state.log_start_offset as i64;
-                        total += data.len();
-                        resp.records = data;
-                    }
-                    Err(e) => {
-                        any_error = true;
-                        resp.high_watermark = -1;
-                        resp.log_start_offset = -1;
-                        resp.error = Some(to_error(&e));
-                    }
-                }
-                out.push(resp);
-            }
-            if total >= min_bytes || any_error || watches.is_empty() || Instant::now() >= deadline {
-                return Ok(Response::new(FetchResponse {
-                    partitions: out,
-                    request_id: 0,
-                }));
-            }
-            // Wait for any partition's offsets to move, or the deadline.
-            let changes = watches
-                .iter_mut()
-                .map(|w| w.changed().boxed())
-                .collect::<Vec<_>>();
-            tokio::select! {
-                _ = select_all(changes) => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-                () = self.ctx.stopped() => {
-                    return Ok(Response::new(FetchResponse {
-                    partitions: out,
-                    request_id: 0,
-                }));
-                }
-            }
-        }
+        let (response, _) = self.fetch_from(request.into_inner(), 0).await?;
+        Ok(Response::new(response))
     }
 
     async fn list_offsets(
