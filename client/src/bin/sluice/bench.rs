@@ -113,9 +113,13 @@ pub struct ConsumeBench {
     /// Stop when no new record arrived for this long (ms).
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
-    /// Bytes per partition per fetch.
-    #[arg(long, default_value_t = 4 << 20)]
+    /// Bytes per partition per answer (`max.partition.fetch.bytes`).
+    #[arg(long, default_value_t = 1 << 20)]
     partition_fetch_bytes: u32,
+    /// Bytes per answer across its partitions (`fetch.max.bytes`; the consumer asks
+    /// for at most 2 MiB whatever this says).
+    #[arg(long, default_value_t = 50 << 20)]
+    fetch_max_bytes: u32,
 }
 
 pub async fn run(global: &Global, cmd: BenchCommand) -> Result<(), CliError> {
@@ -899,6 +903,7 @@ async fn consume(global: &Global, args: ConsumeBench) -> Result<(), CliError> {
         brokers: global.brokers.clone(),
         auto_offset_reset: OffsetReset::Earliest,
         max_partition_fetch_bytes: args.partition_fetch_bytes,
+        fetch_max_bytes: args.fetch_max_bytes,
         ..ConsumerConfig::default()
     })
     .await?;
