@@ -413,11 +413,19 @@ impl BatchIter {
 
     /// The offset after the last whole batch at the front of `bytes`, where a read of
     /// what follows them starts; `None` when they hold no whole batch.
-    pub fn end_offset(bytes: &Bytes) -> Option<u64> {
-        BatchIter::new(bytes.clone())
-            .map_while(std::result::Result::ok)
-            .last()
-            .map(|b| b.header().last_offset().saturating_add(1))
+    pub fn end_offset(bytes: &[u8]) -> Option<u64> {
+        // Headers only: every answer of a fetch stream is walked this way on both ends,
+        // besides the consumer's decoding, so no slice of `Bytes` (a shared count) each.
+        let mut rest = bytes;
+        let mut end = None;
+        while let Ok(header) = BatchHeader::parse(rest) {
+            let Some(after) = rest.get(header.total_len()..) else {
+                break;
+            };
+            end = Some(header.last_offset().saturating_add(1));
+            rest = after;
+        }
+        end
     }
 }
 
