@@ -74,8 +74,9 @@ impl Summary {
     }
 
     /// Prints the run as one JSON line, or as a line of text for `record_size`-byte
-    /// records sent.
-    pub fn print_sent(&self, record_size: usize, json: bool) {
+    /// records sent; with the records' end-to-end timing when they were read back as
+    /// they arrived (`e2e_*` fields, or a second line of text).
+    pub fn print_sent(&self, record_size: usize, json: bool, e2e: Option<&EndToEnd>) {
         let Summary {
             records,
             secs,
@@ -86,14 +87,125 @@ impl Summary {
         } = *self;
         if json {
             println!(
-                "{{\"records\":{records},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
+                "{{\"records\":{records},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}{}}}",
+                e2e.map_or(String::new(), EndToEnd::json_fields)
             );
         } else {
             println!(
                 "{records} records sent in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
                 rate * record_size as f64 / 1e6
             );
+            if let Some(e2e) = e2e {
+                e2e.print_text();
+            }
         }
+    }
+}
+
+/// The end-to-end workload's stamp: a record's value begins with the time it was due to
+/// be sent, in nanoseconds since the run started, little-endian, as `sluice bench
+/// produce --end-to-end` stamps Sluice's records. `payload` gives the rest of the value
+/// (its first 8 bytes are replaced; a shorter one makes a value of 8 bytes).
+pub fn stamped(payload: &[u8], since_start: std::time::Duration) -> Vec<u8> {
+    let nanos = u64::try_from(since_start.as_nanos()).unwrap_or(u64::MAX);
+    let mut value = Vec::with_capacity(payload.len().max(8));
+    value.extend_from_slice(&nanos.to_le_bytes());
+    value.extend_from_slice(payload.get(8..).unwrap_or_default());
+    value
+}
+
+/// The due time `stamped` put in `value`, if it holds one.
+pub fn stamp_of(value: &[u8]) -> Option<std::time::Duration> {
+    let nanos = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
+    Some(std::time::Duration::from_nanos(nanos))
+}
+
+/// Records read back as they arrive, each timed from when it was due (its stamp) to its
+/// arrival: the end-to-end workload, measured alike for every peer.
+#[derive(Debug)]
+pub struct Arrivals {
+    started: std::time::Instant,
+    latencies: Vec<u32>,
+    /// Records read back, stamped or not.
+    pub read: u64,
+}
+
+impl Arrivals {
+    /// Timing against a run that started at `started`, with room for `records`.
+    pub fn new(started: std::time::Instant, records: u64) -> Self {
+        Arrivals {
+            started,
+            latencies: Vec::with_capacity(records as usize),
+            read: 0,
+        }
+    }
+
+    /// A record whose value is `value` arrived at `now` (one clock reading may serve a
+    /// whole delivery: each record in it had arrived by then).
+    pub fn arrived(&mut self, value: &[u8], now: std::time::Instant) {
+        self.read += 1;
+        if let Some(due) = stamp_of(value) {
+            let waited = now.saturating_duration_since(self.started + due);
+            self.latencies
+                .push(waited.as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+    }
+
+    /// The percentiles of what arrived.
+    pub fn summary(mut self) -> EndToEnd {
+        self.latencies.sort_unstable();
+        EndToEnd {
+            read: self.read,
+            timed: self.latencies.len() as u64,
+            p50: percentile_ms(&self.latencies, 0.5),
+            p99: percentile_ms(&self.latencies, 0.99),
+            p999: percentile_ms(&self.latencies, 0.999),
+        }
+    }
+}
+
+/// End-to-end latency percentiles (ms) of a run's records read back as they arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct EndToEnd {
+    /// Records read back.
+    pub read: u64,
+    /// Of those, records that carried a stamp.
+    pub timed: u64,
+    /// Percentiles (ms).
+    pub p50: f64,
+    /// See `p50`.
+    pub p99: f64,
+    /// See `p50`.
+    pub p999: f64,
+}
+
+impl EndToEnd {
+    /// The fields `Summary::print_sent` adds to its JSON line, each after a comma.
+    pub fn json_fields(&self) -> String {
+        let EndToEnd {
+            read,
+            timed,
+            p50,
+            p99,
+            p999,
+        } = *self;
+        format!(
+            ",\"e2e_read\":{read},\"e2e_timed\":{timed},\"e2e_p50_ms\":{p50:.3},\"e2e_p99_ms\":{p99:.3},\"e2e_p999_ms\":{p999:.3}"
+        )
+    }
+
+    /// Prints the percentiles as a line of text.
+    pub fn print_text(&self) {
+        let EndToEnd {
+            read,
+            timed,
+            p50,
+            p99,
+            p999,
+        } = *self;
+        println!(
+            "end to end ({read} records read back, {timed} timed): p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms"
+        );
     }
 }
 
@@ -168,6 +280,10 @@ pub struct LoadArgs {
     /// consumer and report records/s (`print_consumed`): the consume-backlog workload.
     #[arg(long)]
     pub consume: bool,
+    /// While sending, read the stream with one consumer as records arrive and time
+    /// each from when it was due to its arrival (`Arrivals`): the end-to-end workload.
+    #[arg(long)]
+    pub end_to_end: bool,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -178,6 +294,9 @@ impl LoadArgs {
     pub fn check(&self) -> Result<(), String> {
         if self.producers == 0 || self.window == 0 {
             return Err("--producers and --window must be positive".into());
+        }
+        if self.end_to_end && self.record_size < 8 {
+            return Err("--end-to-end needs --record-size of at least 8 (the stamp)".into());
         }
         Ok(())
     }
@@ -190,5 +309,37 @@ impl LoadArgs {
     /// The pacing thread's least gap between wakes.
     pub fn wake_gap(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.wake_gap_us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_stamp_replaces_the_first_eight_bytes_and_reads_back() {
+        let payload: Vec<u8> = (0..20).collect();
+        let due = Duration::from_nanos(1_234_567_890);
+        let value = stamped(&payload, due);
+        assert_eq!(value.len(), payload.len());
+        assert_eq!(&value[8..], &payload[8..]);
+        assert_eq!(stamp_of(&value), Some(due));
+        assert_eq!(stamped(b"abc", due).len(), 8);
+        assert_eq!(stamp_of(b"short"), None);
+    }
+
+    #[test]
+    fn arrivals_time_stamped_records_from_when_they_were_due() {
+        let started = Instant::now();
+        let mut arrivals = Arrivals::new(started, 3);
+        let now = started + Duration::from_millis(10);
+        arrivals.arrived(&stamped(&[0; 16], Duration::from_millis(9)), now);
+        arrivals.arrived(&stamped(&[0; 16], Duration::from_millis(7)), now);
+        // A value without a stamp is counted, not timed.
+        arrivals.arrived(b"x", now);
+        let e2e = arrivals.summary();
+        assert_eq!((e2e.read, e2e.timed), (3, 2));
+        assert_eq!((e2e.p50, e2e.p99), (1.0, 3.0));
     }
 }

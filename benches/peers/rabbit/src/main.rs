@@ -3,7 +3,9 @@
 //! window of publishes awaiting their confirms, and prints records/s and confirm
 //! latency percentiles in the same shape as `nats-load`. With `--consume` it then
 //! reads the stream back from its first record with one consumer (the consume-backlog
-//! workload) and prints records/s as `print_consumed` does.
+//! workload) and prints records/s as `print_consumed` does; with `--end-to-end` one
+//! consumer reads it while it is written and times each record from when it was due to
+//! its arrival.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use rabbitmq_stream_client::types::{Message, MessageResult, OffsetSpecification,
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use sluice_client::Schedule;
 use sluice_peer_load::{
-    peer_payloads, print_consumed, share, within, LoadArgs, Summary, READ_BACK_WAIT,
+    peer_payloads, print_consumed, share, stamped, within, Arrivals, LoadArgs, Summary,
+    READ_BACK_WAIT,
 };
 use tokio::sync::{mpsc, Semaphore};
 
@@ -55,6 +58,9 @@ struct Load {
     rate: Option<f64>,
     /// Least time between a wake's last due record and the next wake, when paced.
     wake_gap: Duration,
+    /// Under `--end-to-end`, when the run started: each value is stamped with its due
+    /// time since then.
+    stamp_from: Option<Instant>,
 }
 
 async fn run_producer(
@@ -70,6 +76,7 @@ async fn run_producer(
         batch_delay,
         rate,
         wake_gap,
+        stamp_from,
     } = load;
     let producer = env
         .producer()
@@ -84,7 +91,11 @@ async fn run_producer(
         let permits = permits.clone();
         let tx = tx.clone();
         let producer = &producer;
-        let body = pool[(i % pool.len() as u64) as usize].clone();
+        let payload = &pool[(i % pool.len() as u64) as usize];
+        let body = match stamp_from {
+            Some(started) => stamped(payload, sent.saturating_duration_since(started)),
+            None => payload.clone(),
+        };
         async move {
             permits.acquire().await?.forget();
             let released = permits.clone();
@@ -167,9 +178,9 @@ const CONSUME_CREDITS: u16 = 10;
 /// The subscription the read-back's connection opens (its only one).
 const SUBSCRIPTION: u8 = 1;
 
-/// One chunk as the read-back's handler reports it: its record count, or why the read
-/// cannot go on.
-type Chunk = Result<u64, String>;
+/// One chunk as the read-back's handler reports it: its record count, when it arrived
+/// and, for the end-to-end workload, its records; or why the read cannot go on.
+type Chunk = Result<(u64, Instant, Vec<Message>), String>;
 
 /// Reads the stream back from its first record with one consumer until `records` have
 /// arrived: the records that arrived (`records`, or more if records whose publish
@@ -182,8 +193,15 @@ type Chunk = Result<u64, String>;
 /// credit at 1 (see `CONSUME_CREDITS`). The handler does what the builder's does, one
 /// credit back per chunk, but counts the chunk's records instead of queueing each one.
 /// Like `replicas`, it reaches the server as `localhost` at `port`, and reads from
-/// that node's copy of the stream.
-async fn consume(port: u16, stream: &str, records: u64) -> Result<(u64, f64), BoxError> {
+/// that node's copy of the stream. With `arrivals` (the end-to-end workload, read while
+/// the stream is written) it times each record as its chunk arrives.
+async fn consume(
+    port: u16,
+    stream: &str,
+    records: u64,
+    mut arrivals: Option<Arrivals>,
+) -> Result<(u64, f64, Option<Arrivals>), BoxError> {
+    let keep = arrivals.is_some();
     let mut opts = ClientOptions::default();
     opts.set_port(port);
     let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
@@ -198,10 +216,19 @@ async fn consume(port: u16, stream: &str, records: u64) -> Result<(u64, f64), Bo
                 let chunk = match item {
                     Some(Ok(response)) => match response.kind_ref() {
                         ResponseKind::Deliver(chunk) => {
+                            let now = Instant::now();
                             // Credit before counting, so the next chunk is on its way
                             // while this one is reported.
                             Some(match client.credit(SUBSCRIPTION, 1).await {
-                                Ok(()) => Ok(chunk.messages.len() as u64),
+                                Ok(()) => Ok((
+                                    chunk.messages.len() as u64,
+                                    now,
+                                    if keep {
+                                        chunk.messages.clone()
+                                    } else {
+                                        Vec::new()
+                                    },
+                                )),
                                 Err(e) => Err(format!("credit not sent: {e}")),
                             })
                         }
@@ -246,7 +273,14 @@ async fn consume(port: u16, stream: &str, records: u64) -> Result<(u64, f64), Bo
             Err(_) => Err(format!("no delivery for {} s", READ_BACK_WAIT.as_secs())),
         };
         match chunk {
-            Ok(n) => count += n,
+            Ok((n, arrived, messages)) => {
+                count += n;
+                if let Some(arrivals) = arrivals.as_mut() {
+                    for m in &messages {
+                        arrivals.arrived(m.data().unwrap_or_default(), arrived);
+                    }
+                }
+            }
             Err(e) => {
                 return Err(format!("read back {count} of {records} records, then: {e}").into())
             }
@@ -258,7 +292,7 @@ async fn consume(port: u16, stream: &str, records: u64) -> Result<(u64, f64), Bo
         return Err(format!("unsubscribing refused: {:?}", unsubscribed.code()).into());
     }
     within("closing the consumer", client.close()).await?;
-    Ok((count, secs))
+    Ok((count, secs, arrivals))
 }
 
 #[tokio::main]
@@ -275,6 +309,19 @@ async fn main() -> Result<(), BoxError> {
     let replicas = replicas(args.port, &args.stream).await?;
     let pool: Arc<Vec<Vec<u8>>> = Arc::new(peer_payloads(args.load.record_size, 1024));
     let started = Instant::now();
+    // The end-to-end reader is reading before the first record goes.
+    let reader = args.load.end_to_end.then(|| {
+        let (port, stream, records) = (args.port, args.stream.clone(), args.load.records);
+        tokio::spawn(async move {
+            consume(
+                port,
+                &stream,
+                records,
+                Some(Arrivals::new(started, records)),
+            )
+            .await
+        })
+    });
     let mut tasks = Vec::new();
     for p in 0..args.load.producers {
         let n = share(args.load.records, args.load.producers, p);
@@ -289,6 +336,7 @@ async fn main() -> Result<(), BoxError> {
                 batch_delay: Duration::from_millis(args.batch_delay_ms),
                 rate: args.load.producer_rate(),
                 wake_gap: args.load.wake_gap(),
+                stamp_from: args.load.end_to_end.then_some(started),
             },
         )));
     }
@@ -312,21 +360,32 @@ async fn main() -> Result<(), BoxError> {
         p999,
         ..
     } = Summary::of(confirmed, started, &mut latencies);
+    let e2e = match reader {
+        Some(reader) => {
+            let (_, _, arrivals) = reader.await??;
+            arrivals.map(Arrivals::summary)
+        }
+        None => None,
+    };
     if args.load.json {
         println!(
-            "{{\"records\":{confirmed},\"replicas\":{replicas},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}}}"
+            "{{\"records\":{confirmed},\"replicas\":{replicas},\"failed\":{failed},\"seconds\":{secs:.3},\"records_per_sec\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3}{}}}",
+            e2e.as_ref().map_or(String::new(), |e| e.json_fields())
         );
     } else {
         println!(
             "{confirmed} records confirmed ({replicas} replicas besides the leader) in {secs:.2} s: {rate:.0} records/s ({:.1} MB/s), latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms",
             rate * args.load.record_size as f64 / 1e6
         );
+        if let Some(e2e) = &e2e {
+            e2e.print_text();
+        }
     }
     // Read back before the stream is deleted; a failed read-back still lets it be.
     let consumed = if args.load.consume {
-        consume(args.port, &args.stream, confirmed)
+        consume(args.port, &args.stream, confirmed, None)
             .await
-            .map(|(count, secs)| {
+            .map(|(count, secs, _)| {
                 print_consumed(count, secs, args.load.record_size, args.load.json);
             })
     } else {

@@ -2,7 +2,9 @@
 //! against: publishes fixed-size records to a file-backed stream with a window of
 //! publishes awaiting their acks, and prints records/s and ack latency percentiles in
 //! the same shape as `sluice bench produce`. With `--consume` it then reads the stream
-//! back from its first record with one consumer (the consume-backlog workload).
+//! back from its first record with one consumer (the consume-backlog workload); with
+//! `--end-to-end` one consumer reads it while it is written and times each record from
+//! when it was due to its arrival.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +13,9 @@ use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
 use clap::Parser;
 use futures_util::StreamExt;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, print_consumed, share, LoadArgs, Summary, READ_BACK_WAIT};
+use sluice_peer_load::{
+    peer_payloads, print_consumed, share, stamped, Arrivals, LoadArgs, Summary, READ_BACK_WAIT,
+};
 use tokio::sync::{mpsc, Semaphore};
 
 #[derive(Parser)]
@@ -71,18 +75,20 @@ struct Publisher {
     pool: Arc<Vec<bytes::Bytes>>,
     window: Arc<Semaphore>,
     acks: mpsc::UnboundedSender<(Instant, PublishAckFuture)>,
+    /// Under `--end-to-end`, when the run started: each value is stamped with its due
+    /// time since then.
+    stamp_from: Option<Instant>,
 }
 
 impl Publisher {
     async fn send(&self, i: u64, sent: Instant) -> Result<(), BoxError> {
         self.window.acquire().await?.forget();
-        let ack = self
-            .js
-            .publish(
-                self.subject.clone(),
-                self.pool[(i % self.pool.len() as u64) as usize].clone(),
-            )
-            .await?;
+        let payload = &self.pool[(i % self.pool.len() as u64) as usize];
+        let value = match self.stamp_from {
+            Some(started) => stamped(payload, sent.saturating_duration_since(started)).into(),
+            None => payload.clone(),
+        };
+        let ack = self.js.publish(self.subject.clone(), value).await?;
         self.acks
             .send((sent, ack))
             .map_err(|_| "the ack waiter stopped")?;
@@ -90,15 +96,28 @@ impl Publisher {
     }
 }
 
-async fn publish(
-    url: String,
-    subject: String,
-    pool: Arc<Vec<bytes::Bytes>>,
+/// How one publisher sends: its share of the records and its pace.
+struct Share {
     records: u64,
     window: usize,
     rate: Option<f64>,
     wake_gap: Duration,
+    stamp_from: Option<Instant>,
+}
+
+async fn publish(
+    url: String,
+    subject: String,
+    pool: Arc<Vec<bytes::Bytes>>,
+    share: Share,
 ) -> Result<Vec<u32>, BoxError> {
+    let Share {
+        records,
+        window,
+        rate,
+        wake_gap,
+        stamp_from,
+    } = share;
     let js = jetstream::new(async_nats::connect(&url).await?);
     let window = Arc::new(Semaphore::new(window));
     let (acks, mut pending) = mpsc::unbounded_channel::<(Instant, PublishAckFuture)>();
@@ -122,6 +141,7 @@ async fn publish(
         pool,
         window,
         acks,
+        stamp_from,
     };
     match rate {
         None => {
@@ -156,7 +176,8 @@ const CONSUME_BATCH: usize = 10_000;
 
 /// Reads `stream` back from its first record with one consumer until `records` have
 /// arrived, and returns how many did and the seconds from just before the consumer's
-/// creation to the last one's arrival.
+/// creation to the last one's arrival; with `arrivals`, times each record as it comes
+/// (the end-to-end workload, read while the stream is written).
 ///
 /// The consumer is a pull consumer that delivers all and acks none, read through its
 /// `messages()` stream of overlapping pull requests: no acks to send and no
@@ -169,7 +190,8 @@ async fn consume(
     js: &jetstream::Context,
     stream: &str,
     records: u64,
-) -> Result<(u64, f64), BoxError> {
+    mut arrivals: Option<Arrivals>,
+) -> Result<(u64, f64, Option<Arrivals>), BoxError> {
     let started = Instant::now();
     let reader = js
         .create_consumer_on_stream(
@@ -196,6 +218,9 @@ async fn consume(
             })?
             .ok_or_else(|| format!("the consumer ended after {count} of {records} records"))??;
         count += 1;
+        if let Some(arrivals) = arrivals.as_mut() {
+            arrivals.arrived(&message.payload, Instant::now());
+        }
         last = Some(message);
     }
     let secs = started.elapsed().as_secs_f64();
@@ -210,7 +235,7 @@ async fn consume(
             .into());
         }
     }
-    Ok((count, secs))
+    Ok((count, secs, arrivals))
 }
 
 #[tokio::main]
@@ -227,34 +252,51 @@ async fn main() -> Result<(), BoxError> {
             .collect(),
     );
     let started = Instant::now();
+    // The end-to-end reader is reading before the first record goes.
+    let reader = args.load.end_to_end.then(|| {
+        let (js, stream, records) = (js.clone(), args.stream.clone(), args.load.records);
+        tokio::spawn(async move {
+            consume(&js, &stream, records, Some(Arrivals::new(started, records))).await
+        })
+    });
     let mut tasks = Vec::new();
     for p in 0..args.load.producers {
-        let n = share(args.load.records, args.load.producers, p);
+        let share = Share {
+            records: share(args.load.records, args.load.producers, p),
+            window: args.load.window,
+            rate: args.load.producer_rate(),
+            wake_gap: args.load.wake_gap(),
+            stamp_from: args.load.end_to_end.then_some(started),
+        };
         tasks.push(tokio::spawn(publish(
             args.url.clone(),
             subject.clone(),
             pool.clone(),
-            n,
-            args.load.window,
-            args.load.producer_rate(),
-            args.load.wake_gap(),
+            share,
         )));
     }
     let mut latencies = Vec::with_capacity(args.load.records as usize);
     for t in tasks {
         latencies.extend(t.await??);
     }
-    Summary::of(args.load.records, started, &mut latencies)
-        .print_sent(args.load.record_size, args.load.json);
+    let sent = Summary::of(args.load.records, started, &mut latencies);
+    let e2e = match reader {
+        Some(reader) => {
+            let (_, _, arrivals) = reader.await??;
+            arrivals.map(Arrivals::summary)
+        }
+        None => None,
+    };
+    sent.print_sent(args.load.record_size, args.load.json, e2e.as_ref());
     let consumed = if args.load.consume {
-        Some(consume(&js, &args.stream, args.load.records).await)
+        Some(consume(&js, &args.stream, args.load.records, None).await)
     } else {
         None
     };
     // The stream goes even when its read-back failed.
     let _ = js.delete_stream(&args.stream).await;
     if let Some(consumed) = consumed {
-        let (count, secs) = consumed?;
+        let (count, secs, _) = consumed?;
         print_consumed(count, secs, args.load.record_size, args.load.json);
     }
     Ok(())

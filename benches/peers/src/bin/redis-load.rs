@@ -4,7 +4,9 @@
 //! latency percentiles in the same shape as `nats-load`. With `--consume` it then reads
 //! the stream back with one connection (`XRANGE` in large batches), and with
 //! `--consume-only` it only does that, on a stream `redis-benchmark` filled, so that
-//! Redis's consumer is measured the same way whoever wrote the stream.
+//! Redis's consumer is measured the same way whoever wrote the stream. With
+//! `--end-to-end` a second connection follows the stream with `XREAD BLOCK` while it is
+//! written and times each entry from when it was due to its arrival.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,7 +15,10 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use clap::Parser;
 use sluice_client::Schedule;
-use sluice_peer_load::{peer_payloads, print_consumed, share, within, LoadArgs, Summary};
+use sluice_peer_load::{
+    peer_payloads, print_consumed, share, stamped, within, Arrivals, LoadArgs, Summary,
+    READ_BACK_WAIT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -153,6 +158,9 @@ struct Sender {
     window: Arc<Semaphore>,
     sent: mpsc::UnboundedSender<Vec<Instant>>,
     out: Vec<u8>,
+    /// Under `--end-to-end`, when the run started: each value is stamped with its due
+    /// time since then.
+    stamp_from: Option<Instant>,
 }
 
 impl Sender {
@@ -167,12 +175,19 @@ impl Sender {
         let n = u32::try_from(to - from)?;
         self.window.acquire_many(n).await?.forget();
         self.out.clear();
-        for i in from..to {
+        let times: Vec<Instant> = (from..to).map(due).collect();
+        for (i, at) in (from..to).zip(&times) {
             let value = &self.pool[(i % self.pool.len() as u64) as usize];
-            encode_xadd(&mut self.out, &self.stream, value);
+            match self.stamp_from {
+                Some(started) => {
+                    let value = stamped(value, at.saturating_duration_since(started));
+                    encode_xadd(&mut self.out, &self.stream, &value);
+                }
+                None => encode_xadd(&mut self.out, &self.stream, value),
+            }
         }
         self.sent
-            .send((from..to).map(due).collect())
+            .send(times)
             .map_err(|_| "the reply reader stopped")?;
         self.socket.write_all(&self.out).await?;
         Ok(())
@@ -184,6 +199,7 @@ async fn produce(
     pool: Arc<Vec<Vec<u8>>>,
     records: u64,
     rate: Option<f64>,
+    stamp_from: Option<Instant>,
 ) -> Result<Vec<u32>, BoxError> {
     let socket = TcpStream::connect(&args.addr).await?;
     socket.set_nodelay(true)?;
@@ -199,6 +215,7 @@ async fn produce(
         window: Arc::clone(&window),
         sent: sent_tx,
         out: Vec::new(),
+        stamp_from,
     };
     let window_len = args.load.window as u64;
     match rate {
@@ -383,8 +400,12 @@ impl RespParser {
 }
 
 /// Counts the entries of one `XRANGE` reply (each `[id, [field, value, ...]]`), noting
-/// the last one's id in `last` and adding the bytes of their values to `value_bytes`.
-fn take_entries(reply: Value, last: &mut Vec<u8>, value_bytes: &mut u64) -> Result<u64, BoxError> {
+/// the last one's id in `last` and handing each field's value to `value`.
+fn take_entries(
+    reply: Value,
+    last: &mut Vec<u8>,
+    mut value: impl FnMut(&[u8]),
+) -> Result<u64, BoxError> {
     let entries = match reply {
         Value::Array(entries) => entries,
         Value::Error(e) => return Err(format!("XRANGE failed: {e}").into()),
@@ -400,7 +421,7 @@ fn take_entries(reply: Value, last: &mut Vec<u8>, value_bytes: &mut u64) -> Resu
         };
         for (i, field) in fields.iter().enumerate() {
             match field {
-                Value::Bulk(v) if i % 2 == 1 => *value_bytes += v.len() as u64,
+                Value::Bulk(v) if i % 2 == 1 => value(v),
                 Value::Bulk(_) => {}
                 other => return Err(format!("an entry's field is {other:?}").into()),
             }
@@ -455,7 +476,7 @@ async fn consume(args: &Args) -> Result<f64, BoxError> {
                 );
             }
         };
-        let n = take_entries(reply, &mut last, &mut value_bytes)?;
+        let n = take_entries(reply, &mut last, |v| value_bytes += v.len() as u64)?;
         if n == 0 {
             return Err(format!(
                 "the stream {:?} ended after {read} entries, {records} expected",
@@ -483,6 +504,82 @@ async fn consume(args: &Args) -> Result<f64, BoxError> {
     Ok(secs)
 }
 
+/// How long each `XREAD` of the end-to-end reader blocks for new entries.
+const FOLLOW_BLOCK_MS: &[u8] = b"100";
+
+/// Follows the stream from its start while it is written, `XREAD BLOCK` after `XREAD
+/// BLOCK` on a connection of its own, until `records` entries have arrived, timing each
+/// from its stamp (the end-to-end workload); gives up when nothing new arrives for
+/// `READ_BACK_WAIT`.
+async fn follow(args: Arc<Args>, started: Instant) -> Result<Arrivals, BoxError> {
+    let records = args.load.records;
+    let mut arrivals = Arrivals::new(started, records);
+    let mut socket = within("connecting the reader", TcpStream::connect(&args.addr)).await?;
+    socket.set_nodelay(true)?;
+    let mut parser = RespParser::default();
+    let mut buf = BytesMut::with_capacity(256 << 10);
+    let mut out = Vec::new();
+    let mut last: Vec<u8> = b"0-0".to_vec();
+    let count = CONSUME_BATCH.to_string();
+    let mut last_new = Instant::now();
+    while arrivals.read < records {
+        out.clear();
+        out.extend_from_slice(b"*8\r\n");
+        for arg in [
+            &b"XREAD"[..],
+            b"COUNT",
+            count.as_bytes(),
+            b"BLOCK",
+            FOLLOW_BLOCK_MS,
+            b"STREAMS",
+            args.stream.as_bytes(),
+            last.as_slice(),
+        ] {
+            bulk(&mut out, arg);
+        }
+        within("sending XREAD", socket.write_all(&out)).await?;
+        let reply = loop {
+            if let Some(reply) = parser.next(&mut buf)? {
+                break reply;
+            }
+            buf.reserve(64 << 10);
+            if within("awaiting XREAD's reply", socket.read_buf(&mut buf)).await? == 0 {
+                return Err("the server closed the reader's connection".into());
+            }
+        };
+        let now = Instant::now();
+        let entries = match reply {
+            // The block ran out with nothing new.
+            Value::Null => {
+                if last_new.elapsed() > READ_BACK_WAIT {
+                    return Err(format!(
+                        "no entry for {} s after {} of {records}",
+                        READ_BACK_WAIT.as_secs(),
+                        arrivals.read
+                    )
+                    .into());
+                }
+                continue;
+            }
+            // One stream asked for: `[[name, entries]]`.
+            Value::Array(mut streams) if streams.len() == 1 => match streams.pop() {
+                Some(Value::Array(mut pair)) if pair.len() == 2 => pair.pop(),
+                other => return Err(format!("XREAD answered {other:?}").into()),
+            },
+            Value::Error(e) => return Err(format!("XREAD failed: {e}").into()),
+            other => return Err(format!("XREAD answered {other:?}").into()),
+        };
+        let Some(entries) = entries else {
+            return Err("XREAD answered a stream without entries".into());
+        };
+        let n = take_entries(entries, &mut last, |v| arrivals.arrived(v, now))?;
+        if n > 0 {
+            last_new = now;
+        }
+    }
+    Ok(arrivals)
+}
+
 /// Reads the stream back (`consume`) and prints the consumer's line.
 async fn read_back(args: &Args) -> Result<(), BoxError> {
     let secs = consume(args).await?;
@@ -507,6 +604,11 @@ async fn main() -> Result<(), BoxError> {
     command(&args.addr, &[b"DEL", args.stream.as_bytes()]).await?;
     let pool = Arc::new(peer_payloads(args.load.record_size, 1024));
     let started = Instant::now();
+    // The end-to-end reader is reading before the first record goes.
+    let reader = args
+        .load
+        .end_to_end
+        .then(|| tokio::spawn(follow(Arc::clone(&args), started)));
     let mut tasks = Vec::new();
     for p in 0..args.load.producers {
         let n = share(args.load.records, args.load.producers, p);
@@ -515,14 +617,19 @@ async fn main() -> Result<(), BoxError> {
             Arc::clone(&pool),
             n,
             args.load.producer_rate(),
+            args.load.end_to_end.then_some(started),
         )));
     }
     let mut latencies = Vec::with_capacity(args.load.records as usize);
     for t in tasks {
         latencies.extend(t.await??);
     }
-    Summary::of(args.load.records, started, &mut latencies)
-        .print_sent(args.load.record_size, args.load.json);
+    let sent = Summary::of(args.load.records, started, &mut latencies);
+    let e2e = match reader {
+        Some(reader) => Some(reader.await??.summary()),
+        None => None,
+    };
+    sent.print_sent(args.load.record_size, args.load.json, e2e.as_ref());
     if args.load.consume {
         read_back(&args).await?;
     }
@@ -586,12 +693,13 @@ mod tests {
             assert_eq!(parser.next(&mut buf).expect("valid"), Some(whole.clone()));
             assert!(buf.is_empty());
         }
-        let (mut last, mut value_bytes) = (Vec::new(), 0);
+        let (mut last, mut values) = (Vec::new(), Vec::new());
         assert_eq!(
-            take_entries(whole, &mut last, &mut value_bytes).expect("entries"),
+            take_entries(whole, &mut last, |v| values.push(v.to_vec())).expect("entries"),
             2
         );
-        assert_eq!((&last[..], value_bytes), (&b"1-1"[..], 6));
+        assert_eq!(&last[..], &b"1-1"[..]);
+        assert_eq!(values, vec![b"ab".to_vec(), b"c\r\nd".to_vec()]);
     }
 
     #[test]
@@ -608,7 +716,7 @@ mod tests {
         );
         let error = parser.next(&mut buf).expect("valid").expect("whole");
         assert_eq!(error, Value::Error("ERR syntax error".into()));
-        let message = take_entries(error, &mut Vec::new(), &mut 0)
+        let message = take_entries(error, &mut Vec::new(), |_| {})
             .expect_err("an error reply")
             .to_string();
         assert!(message.contains("ERR syntax error"), "{message}");
