@@ -812,7 +812,8 @@ impl Consumer {
                     partitions,
                     max_wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
                     min_bytes: self.config.fetch_min_bytes,
-                    max_bytes: self.config.fetch_max_bytes.min(ANSWER_BYTES),
+                    // Not 0, which the broker takes as "not set" (its default, 50 MiB).
+                    max_bytes: self.config.fetch_max_bytes.clamp(1, ANSWER_BYTES),
                     member,
                     request_id: 0,
                 },
