@@ -182,29 +182,17 @@ pub struct EndToEnd {
 impl EndToEnd {
     /// The fields `Summary::print_sent` adds to its JSON line, each after a comma.
     pub fn json_fields(&self) -> String {
-        let EndToEnd {
-            read,
-            timed,
-            p50,
-            p99,
-            p999,
-        } = *self;
         format!(
-            ",\"e2e_read\":{read},\"e2e_timed\":{timed},\"e2e_p50_ms\":{p50:.3},\"e2e_p99_ms\":{p99:.3},\"e2e_p999_ms\":{p999:.3}"
+            ",\"e2e_read\":{},\"e2e_timed\":{},\"e2e_p50_ms\":{:.3},\"e2e_p99_ms\":{:.3},\"e2e_p999_ms\":{:.3}",
+            self.read, self.timed, self.p50, self.p99, self.p999
         )
     }
 
     /// Prints the percentiles as a line of text.
     pub fn print_text(&self) {
-        let EndToEnd {
-            read,
-            timed,
-            p50,
-            p99,
-            p999,
-        } = *self;
         println!(
-            "end to end ({read} records read back, {timed} timed): p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms"
+            "end to end ({} records read back, {} timed): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+            self.read, self.timed, self.p50, self.p99, self.p999
         );
     }
 }

@@ -399,6 +399,50 @@ impl RespParser {
     }
 }
 
+/// One connection's side of a request: writes the command `args` and reads until its
+/// whole reply has come, each step bounded by `READ_BACK_WAIT` (`within`).
+struct Requester {
+    socket: TcpStream,
+    parser: RespParser,
+    buf: BytesMut,
+    out: Vec<u8>,
+}
+
+impl Requester {
+    async fn connect(addr: &str) -> Result<Self, BoxError> {
+        let socket = within("connecting", TcpStream::connect(addr)).await?;
+        socket.set_nodelay(true)?;
+        Ok(Requester {
+            socket,
+            parser: RespParser::default(),
+            buf: BytesMut::with_capacity(256 << 10),
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends `args` (named `what` in errors) and returns the whole reply.
+    async fn request(&mut self, what: &str, args: &[&[u8]]) -> Result<Value, BoxError> {
+        self.out.clear();
+        self.out
+            .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            bulk(&mut self.out, arg);
+        }
+        within(what, self.socket.write_all(&self.out)).await?;
+        loop {
+            if let Some(reply) = self.parser.next(&mut self.buf)? {
+                return Ok(reply);
+            }
+            // Room for a large read: `read_buf` alone would grow a full buffer 64 bytes at
+            // a time.
+            self.buf.reserve(64 << 10);
+            if within(what, self.socket.read_buf(&mut self.buf)).await? == 0 {
+                return Err(format!("{what}: the server closed the connection").into());
+            }
+        }
+    }
+}
+
 /// Counts the entries of one `XRANGE` reply (each `[id, [field, value, ...]]`), noting
 /// the last one's id in `last` and handing each field's value to `value`.
 fn take_entries(
@@ -438,11 +482,7 @@ fn take_entries(
 /// Returns the seconds it took, from the first request to the last entry parsed.
 async fn consume(args: &Args) -> Result<f64, BoxError> {
     let records = args.load.records;
-    let mut socket = within("connecting", TcpStream::connect(&args.addr)).await?;
-    socket.set_nodelay(true)?;
-    let mut parser = RespParser::default();
-    let mut buf = BytesMut::with_capacity(256 << 10);
-    let mut out = Vec::new();
+    let mut conn = Requester::connect(&args.addr).await?;
     let mut last: Vec<u8> = Vec::new();
     let mut start = b"-".to_vec();
     let mut value_bytes = 0u64;
@@ -450,32 +490,15 @@ async fn consume(args: &Args) -> Result<f64, BoxError> {
     let started = Instant::now();
     while read < records {
         let count = CONSUME_BATCH.min(records - read).to_string();
-        out.clear();
-        out.extend_from_slice(b"*6\r\n");
-        for arg in [
-            &b"XRANGE"[..],
+        let xrange: [&[u8]; 6] = [
+            b"XRANGE",
             args.stream.as_bytes(),
             &start,
             b"+",
             b"COUNT",
             count.as_bytes(),
-        ] {
-            bulk(&mut out, arg);
-        }
-        within("sending XRANGE", socket.write_all(&out)).await?;
-        let reply = loop {
-            if let Some(reply) = parser.next(&mut buf)? {
-                break reply;
-            }
-            // Room for a large read: `read_buf` alone would grow a full buffer 64 bytes at
-            // a time.
-            buf.reserve(64 << 10);
-            if within("awaiting XRANGE's reply", socket.read_buf(&mut buf)).await? == 0 {
-                return Err(
-                    format!("the server closed the connection after {read} entries").into(),
-                );
-            }
-        };
+        ];
+        let reply = conn.request("XRANGE", &xrange).await?;
         let n = take_entries(reply, &mut last, |v| value_bytes += v.len() as u64)?;
         if n == 0 {
             return Err(format!(
@@ -490,7 +513,7 @@ async fn consume(args: &Args) -> Result<f64, BoxError> {
         start.extend_from_slice(&last);
     }
     let secs = started.elapsed().as_secs_f64();
-    if !buf.is_empty() {
+    if !conn.buf.is_empty() {
         return Err("bytes after the last XRANGE reply".into());
     }
     if value_bytes != read * args.load.record_size as u64 {
@@ -514,39 +537,22 @@ const FOLLOW_BLOCK_MS: &[u8] = b"100";
 async fn follow(args: Arc<Args>, started: Instant) -> Result<Arrivals, BoxError> {
     let records = args.load.records;
     let mut arrivals = Arrivals::new(started, records);
-    let mut socket = within("connecting the reader", TcpStream::connect(&args.addr)).await?;
-    socket.set_nodelay(true)?;
-    let mut parser = RespParser::default();
-    let mut buf = BytesMut::with_capacity(256 << 10);
-    let mut out = Vec::new();
+    let mut conn = Requester::connect(&args.addr).await?;
     let mut last: Vec<u8> = b"0-0".to_vec();
     let count = CONSUME_BATCH.to_string();
     let mut last_new = Instant::now();
     while arrivals.read < records {
-        out.clear();
-        out.extend_from_slice(b"*8\r\n");
-        for arg in [
-            &b"XREAD"[..],
+        let xread: [&[u8]; 8] = [
+            b"XREAD",
             b"COUNT",
             count.as_bytes(),
             b"BLOCK",
             FOLLOW_BLOCK_MS,
             b"STREAMS",
             args.stream.as_bytes(),
-            last.as_slice(),
-        ] {
-            bulk(&mut out, arg);
-        }
-        within("sending XREAD", socket.write_all(&out)).await?;
-        let reply = loop {
-            if let Some(reply) = parser.next(&mut buf)? {
-                break reply;
-            }
-            buf.reserve(64 << 10);
-            if within("awaiting XREAD's reply", socket.read_buf(&mut buf)).await? == 0 {
-                return Err("the server closed the reader's connection".into());
-            }
-        };
+            &last,
+        ];
+        let reply = conn.request("XREAD", &xread).await?;
         let now = Instant::now();
         let entries = match reply {
             // The block ran out with nothing new.
