@@ -109,7 +109,7 @@ async fn publish(
     url: String,
     subject: String,
     pool: Arc<Vec<bytes::Bytes>>,
-    share: Share,
+    load: Share,
 ) -> Result<Vec<u32>, BoxError> {
     let Share {
         records,
@@ -117,7 +117,7 @@ async fn publish(
         rate,
         wake_gap,
         stamp_from,
-    } = share;
+    } = load;
     let js = jetstream::new(async_nats::connect(&url).await?);
     let window = Arc::new(Semaphore::new(window));
     let (acks, mut pending) = mpsc::unbounded_channel::<(Instant, PublishAckFuture)>();
@@ -261,7 +261,7 @@ async fn main() -> Result<(), BoxError> {
     });
     let mut tasks = Vec::new();
     for p in 0..args.load.producers {
-        let share = Share {
+        let load = Share {
             records: share(args.load.records, args.load.producers, p),
             window: args.load.window,
             rate: args.load.producer_rate(),
@@ -272,7 +272,7 @@ async fn main() -> Result<(), BoxError> {
             args.url.clone(),
             subject.clone(),
             pool.clone(),
-            share,
+            load,
         )));
     }
     let mut latencies = Vec::with_capacity(args.load.records as usize);
