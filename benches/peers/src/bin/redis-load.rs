@@ -249,24 +249,13 @@ async fn produce(
 
 /// Sends one command and reads its whole reply (the stream's deletion before a run).
 async fn command(addr: &str, args: &[&[u8]]) -> Result<(), BoxError> {
-    let mut socket = TcpStream::connect(addr).await?;
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        bulk(&mut out, a);
-    }
-    socket.write_all(&out).await?;
-    let mut buf = BytesMut::new();
-    loop {
-        if socket.read_buf(&mut buf).await? == 0 {
-            return Err("the server closed the connection".into());
-        }
-        // DEL answers with an integer; anything else whole is taken as it comes.
-        if let Some(reply) = take_reply(&mut buf)? {
-            return match reply {
-                None => Ok(()),
-                Some(e) => Err(e.into()),
-            };
-        }
+    match Requester::connect(addr)
+        .await?
+        .request("a command", args)
+        .await?
+    {
+        Value::Error(e) => Err(e.into()),
+        _ => Ok(()),
     }
 }
 
