@@ -368,7 +368,9 @@ fn fetch_answer(response: FetchResponse) -> http::Response<Body> {
 
 /// A fetch's answer as one gRPC message, each partition's records by reference.
 fn answer_pieces(response: FetchResponse) -> Result<Pieces, Status> {
-    // The fields besides the partitions, written after them (field order is free).
+    // The fields besides the partitions, written before them (field order is free): an
+    // answer that ends with a partition's records goes out in one write, while a small
+    // field after them took a write, and a wake-up of the reader, of its own.
     let rest = FetchResponse {
         partitions: Vec::new(),
         request_id: response.request_id,
@@ -388,12 +390,12 @@ fn answer_pieces(response: FetchResponse) -> Result<Pieces, Status> {
         .sum::<usize>()
         + rest.encoded_len();
     let mut out = Pieces::new(total)?;
+    out.encoded(&rest);
     for (p, records, len) in parts {
         out.field_start(PARTITIONS_FIELD, len);
         out.encoded(&p);
         out.bytes_field(RECORDS_FIELD, records);
     }
-    out.encoded(&rest);
     Ok(out)
 }
 
@@ -468,6 +470,28 @@ mod tests {
     use bytes::Bytes;
     use tonic::codegen::Body as _;
 
+    #[test]
+    fn a_one_partition_answer_ends_with_its_records() {
+        // Nothing after the records: a chunk after them would go out in a write of its
+        // own, and the reader would wake for a message it cannot decode yet.
+        let records = Bytes::from(vec![7u8; 3000]);
+        let response = FetchResponse {
+            partitions: vec![FetchPartitionResponse {
+                topic: "a".into(),
+                partition: 3,
+                high_watermark: 10,
+                log_start_offset: 2,
+                records: records.clone(),
+                error: None,
+            }],
+            request_id: 9,
+        };
+        let chunks = answer_pieces(response).expect("pieces").into_chunks();
+        assert_eq!(chunks.len(), 2, "a head and the records");
+        assert_eq!(chunks[1].as_ptr(), records.as_ptr());
+        assert_eq!(chunks[1].len(), records.len());
+    }
+
     #[tokio::test]
     async fn an_answer_decodes_whole_and_its_records_are_not_copied() {
         let records = Bytes::from(vec![7u8; 3000]);
@@ -497,7 +521,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
-            // Written after the partitions' records: it must still decode.
+            // Written before the partitions: it must still decode.
             request_id: 7,
         };
         let mut body = fetch_answer(response.clone()).into_body();
