@@ -111,6 +111,9 @@ struct Queue {
     /// Batches opened and not yet finished (open, ready or in flight).
     outstanding: usize,
     round_robin: u32,
+    /// A batch opened or became ready under the lock: the sender is woken once the lock
+    /// is let go ([`Accumulator::unlock`]).
+    wake_sender: bool,
 }
 
 pub(crate) struct Accumulator {
@@ -172,6 +175,17 @@ impl Accumulator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Lets go of the lock, then wakes the sender if it has news. Woken under the lock,
+    /// the sender's thread ran (on one CPU, in place of the sending thread) only to wait
+    /// for the lock, and the sending thread had to run again to let it go.
+    fn unlock(&self, mut guard: MutexGuard<'_, State>) {
+        let wake = std::mem::take(&mut guard.queue.wake_sender);
+        drop(guard);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
         self.lock()
             .topics
@@ -202,13 +216,17 @@ impl Accumulator {
     pub fn try_append(&self, record: ProducerRecord) -> TryAppend {
         let mut guard = self.lock();
         let State { topics, queue, .. } = &mut *guard;
-        let Some(info) = topics.get_mut(&record.topic).filter(|t| t.partitions > 0) else {
-            return TryAppend::Blocked(record, Blocked::UnknownTopic);
+        let outcome = match topics.get_mut(&record.topic).filter(|t| t.partitions > 0) {
+            None => TryAppend::Blocked(record, Blocked::UnknownTopic),
+            Some(_) if queue.buffered >= self.config.buffer_memory => {
+                TryAppend::Blocked(record, Blocked::BufferFull)
+            }
+            Some(info) => {
+                TryAppend::Done(self.append_to(info, queue, record, &mut RunClock::default()))
+            }
         };
-        if queue.buffered >= self.config.buffer_memory {
-            return TryAppend::Blocked(record, Blocked::BufferFull);
-        }
-        TryAppend::Done(self.append_to(info, queue, record, &mut RunClock::default()))
+        self.unlock(guard);
+        outcome
     }
 
     /// Appends records under one lock, looking their topic up again only when it
@@ -220,7 +238,19 @@ impl Accumulator {
         out: &mut Vec<DeliveryFuture>,
     ) -> Option<(ProducerRecord, Blocked)> {
         let mut guard = self.lock();
-        let State { topics, queue, .. } = &mut *guard;
+        let blocked = self.append_run(&mut guard, records, out);
+        self.unlock(guard);
+        blocked
+    }
+
+    /// `try_append_many` under the lock.
+    fn append_run(
+        &self,
+        state: &mut State,
+        records: &mut impl Iterator<Item = ProducerRecord>,
+        out: &mut Vec<DeliveryFuture>,
+    ) -> Option<(ProducerRecord, Blocked)> {
+        let State { topics, queue, .. } = state;
         let mut current: Option<&mut TopicInfo> = None;
         // One clock read stamps the whole run, as if sent in the same moment.
         let mut now = RunClock::default();
@@ -265,7 +295,9 @@ impl Accumulator {
                         .entry(Arc::clone(&record.topic))
                         .or_insert_with(|| TopicInfo::new(&record.topic, partitions));
                     info.partitions = partitions;
-                    return self.append_to(info, queue, record, &mut RunClock::default());
+                    let appended = self.append_to(info, queue, record, &mut RunClock::default());
+                    self.unlock(guard);
+                    return appended;
                 }
             }
             if tokio::time::timeout_at(deadline, space).await.is_err() {
@@ -320,7 +352,7 @@ impl Accumulator {
             queue.outstanding += 1;
             // The sender may be asleep with no batch to wait for: it must learn when
             // this one's linger ends.
-            self.wake.notify_one();
+            queue.wake_sender = true;
             OpenBatch {
                 builder: RecordBatchBuilder::with_capacity(
                     self.config.compression,
@@ -377,7 +409,7 @@ impl Accumulator {
                     not_before: None,
                     buffered: size,
                 });
-                self.wake.notify_one();
+                queue.wake_sender = true;
             }
             Err(e) => {
                 open.slot.finish(Err(e.into()));
@@ -452,6 +484,7 @@ impl Accumulator {
             }
         }
         st.queue.ready = waiting;
+        self.unlock(guard);
         (out, next)
     }
 
