@@ -74,7 +74,7 @@ pub struct Log {
     /// A background flush is running: no other is started, and the interval policy does
     /// not flush in line meanwhile.
     flush_in_flight: bool,
-    /// Interval flushes are left to `start_background_flush`.
+    /// Flushes the policy asks for are left to `start_background_flush`.
     background_flush: bool,
     /// Bumped by every truncation: a background flush begun before one does not move
     /// the recovery point, since the offsets it covered may since hold other batches.
@@ -529,11 +529,11 @@ impl Log {
     }
 
     /// Flushes if the policy asks for it now: always under `EveryBatch` (when anything is
-    /// unflushed), when the interval has passed under `Interval` (unless the owner took
-    /// those over with `flush_interval_in_background`), never under `Os`.
+    /// unflushed), when the interval has passed under `Interval`, never under `Os`;
+    /// never in line once the owner took flushes over with `flush_in_background`.
     pub fn apply_flush_policy(&mut self) -> Result<()> {
         let due = match self.config.flush {
-            FlushPolicy::EveryBatch => true,
+            FlushPolicy::EveryBatch => !self.background_flush,
             FlushPolicy::Interval(every) => {
                 !self.background_flush
                     && !self.flush_in_flight
@@ -563,17 +563,30 @@ impl Log {
         self.active_mut().take_writeback()
     }
 
-    /// From now on `apply_flush_policy` leaves `FlushPolicy::Interval` flushes and early
-    /// writeback to the owner, who takes them with `start_background_flush` and
-    /// `take_writeback`; so does `roll` the fsync of the segment it seals.
-    pub fn flush_interval_in_background(&mut self) {
+    /// From now on `apply_flush_policy` leaves flushes and early writeback to the
+    /// owner, who takes them with `start_background_flush` and `take_writeback`; so does
+    /// `roll` the fsync of the segment it seals (except under `FlushPolicy::EveryBatch`,
+    /// which seals in line).
+    pub fn flush_in_background(&mut self) {
         self.background_flush = true;
+    }
+
+    /// Forces what was appended to disk now, in line, unless it is there already:
+    /// for an owner that flushes in the background but must know a write durable before
+    /// it answers (a follower under `FlushPolicy::EveryBatch`).
+    pub fn flush_if_behind(&mut self) -> Result<()> {
+        if self.recovery_point < self.log_end_offset() {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// When a flush is due and none is running: starts one to run away from the appends
     /// (`BackgroundFlush::run`), whose result goes back through `finish_background_flush`.
-    /// Due when a segment was sealed without its fsync (under any policy), and under
-    /// `FlushPolicy::Interval` when the interval has passed.
+    /// Due when a segment was sealed without its fsync (under any policy), under
+    /// `FlushPolicy::Interval` when the interval has passed, and under
+    /// `FlushPolicy::EveryBatch` whenever anything is unflushed: appends go on while it
+    /// runs, and the next flush covers them all (group commit).
     pub fn start_background_flush(&mut self) -> Result<Option<BackgroundFlush>> {
         if self.poisoned || self.flush_in_flight {
             // A poisoned log: every append already reports it; a flush has nothing it
@@ -581,11 +594,12 @@ impl Log {
             return Ok(None);
         }
         let end = self.log_end_offset();
-        let interval_due = match self.config.flush {
+        let active_due = match self.config.flush {
             FlushPolicy::Interval(every) => {
                 self.last_flush.elapsed() >= every && self.recovery_point < end
             }
-            FlushPolicy::Os | FlushPolicy::EveryBatch => false,
+            FlushPolicy::EveryBatch => self.background_flush && self.recovery_point < end,
+            FlushPolicy::Os => false,
         };
         let sealed = match self.unsynced_seal.and_then(|base| self.segments.get(&base)) {
             Some(seg) => Some((
@@ -597,7 +611,7 @@ impl Log {
             )),
             None => None,
         };
-        let (active, upto) = if interval_due {
+        let (active, upto) = if active_due {
             let active = self.active();
             let file = (active.clone_file()?, active.log_path().to_path_buf());
             self.last_flush = Instant::now();

@@ -551,7 +551,7 @@ fn interval_flushes_run_beside_appends_and_a_truncation_voids_one_in_flight() {
     let mut config = LogConfig::default();
     config.flush = FlushPolicy::Interval(Duration::from_millis(20));
     let mut log = Log::open(dir.path(), config).expect("open");
-    log.flush_interval_in_background();
+    log.flush_in_background();
     log.append_deferred(&batch("a", 2, 1), opts())
         .expect("append");
     std::thread::sleep(Duration::from_millis(30));
@@ -596,6 +596,43 @@ fn interval_flushes_run_beside_appends_and_a_truncation_voids_one_in_flight() {
 }
 
 #[test]
+fn every_batch_flushes_left_to_the_owner_cover_every_append_and_follow_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::EveryBatch;
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.flush_in_background();
+    // Nothing written: nothing to flush.
+    assert!(log.start_background_flush().expect("start").is_none());
+    log.append(&batch("a", 2, 1), opts()).expect("append");
+    // Not in line: the append returns with nothing on disk for sure.
+    assert_eq!(log.recovery_point(), 0);
+    let flush = log
+        .start_background_flush()
+        .expect("start")
+        .expect("due at once, with no interval to wait for");
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "one at a time"
+    );
+    log.append(&batch("b", 3, 1), opts()).expect("append");
+    log.finish_background_flush(flush.run()).expect("finish");
+    assert_eq!(log.recovery_point(), 2, "only what was there when it began");
+    // What came meanwhile is due next, straight away.
+    let flush = log
+        .start_background_flush()
+        .expect("start")
+        .expect("the appends made during the last flush");
+    log.finish_background_flush(flush.run()).expect("finish");
+    assert_eq!(log.recovery_point(), 5);
+    assert!(log.start_background_flush().expect("start").is_none());
+    // An owner that must know a write durable before answering flushes in line.
+    log.append(&batch("c", 1, 1), opts()).expect("append");
+    log.flush_if_behind().expect("flush");
+    assert_eq!(log.recovery_point(), 6);
+}
+
+#[test]
 fn early_writeback_under_the_interval_policy_is_not_a_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = LogConfig::default();
@@ -621,7 +658,7 @@ fn with_flushes_in_the_background_early_writeback_is_handed_to_the_owner() {
     let mut config = LogConfig::default();
     config.flush = FlushPolicy::Interval(Duration::from_secs(3600));
     let mut log = Log::open(dir.path(), config.clone()).expect("open");
-    log.flush_interval_in_background();
+    log.flush_in_background();
     let mut appended = 0;
     let mut jobs = 0u64;
     // A job once at least 1 MiB of new tail has gathered, and not before.
@@ -646,7 +683,7 @@ fn with_flushes_in_the_background_early_writeback_is_handed_to_the_owner() {
     let dir = tempfile::tempdir().expect("tempdir");
     config.flush = FlushPolicy::Os;
     let mut log = Log::open(dir.path(), config).expect("open");
-    log.flush_interval_in_background();
+    log.flush_in_background();
     while log.size_bytes() < 10 << 20 {
         log.append_deferred(&sized_batch(64, 1024, appended), opts())
             .expect("append");
@@ -903,7 +940,7 @@ fn owned_os_log(dir: &std::path::Path) -> Log {
     let mut config = small_config();
     config.flush = FlushPolicy::Os;
     let mut log = Log::open(dir, config).expect("open");
-    log.flush_interval_in_background();
+    log.flush_in_background();
     log
 }
 
@@ -931,7 +968,7 @@ fn a_sealed_segment_of_several_writeback_chunks_is_synced_whole() {
         ..LogConfig::default()
     };
     let mut log = Log::open(dir.path(), config.clone()).expect("open");
-    log.flush_interval_in_background();
+    log.flush_in_background();
     let (mut appended, mut batches) = (0u64, 0u64);
     while log.segment_count() < 2 {
         log.append(&sized_batch(64, 1000, appended as i64), opts())

@@ -68,7 +68,7 @@ pub(super) async fn run(mut task: Task) {
     // Interval flushes run beside the rounds and report here when done.
     let (flushed_tx, mut flushed_rx) = mpsc::unbounded_channel::<FlushDone>();
     if let Some((log, _)) = task.log.as_mut() {
-        log.flush_interval_in_background();
+        log.flush_in_background();
     }
     loop {
         let work = tokio::select! {
@@ -209,14 +209,17 @@ fn runs_inline(work: &Work, log: &Log, config: &TopicConfig) -> bool {
         // Taking a finished flush back is bookkeeping; ticks may fsync or delete.
         return matches!(work, Work::Flushed(_));
     };
-    if cmds.is_empty() || config.log.flush == FlushPolicy::EveryBatch {
+    if cmds.is_empty() {
         return false;
     }
+    let every_batch = config.log.flush == FlushPolicy::EveryBatch;
     let mut bytes = 0usize;
     for cmd in cmds {
         match cmd {
+            // A leader's appends are flushed in the background, under every policy.
             Command::Append { batch, .. } => bytes += batch.len(),
-            Command::AppendFromLeader { records, .. } => bytes += records.len(),
+            // A follower's, under every-batch, in line (`append_from_leader`).
+            Command::AppendFromLeader { records, .. } if !every_batch => bytes += records.len(),
             _ => return false,
         }
     }
@@ -485,7 +488,7 @@ fn run_round(
 }
 
 /// A follower's append of what one fetch returned: the leader's batches as they are,
-/// flushed once. Returns the new log end offset.
+/// flushed once, per policy. Returns the new log end offset.
 fn append_from_leader(log: &mut Log, records: bytes::Bytes, leader: PartitionState) -> Result<u64> {
     if log.log_end_offset() > leader.log_end_offset {
         // This replica holds more than its leader: the surplus was never committed.
@@ -502,7 +505,13 @@ fn append_from_leader(log: &mut Log, records: bytes::Bytes, leader: PartitionSta
         }
         log.append_replicated_deferred(batch.bytes())?;
     }
-    log.apply_flush_policy()?;
+    if log.config().flush == FlushPolicy::EveryBatch {
+        // The offset the follower asks for next counts toward the leader's high
+        // watermark at once: under every-batch it must be on disk by then.
+        log.flush_if_behind()?;
+    } else {
+        log.apply_flush_policy()?;
+    }
     Ok(log.log_end_offset())
 }
 
@@ -602,11 +611,20 @@ mod tests {
         assert!(runs_inline(&small(), &l, &os));
         let interval = flushing(FlushPolicy::Interval(Duration::from_secs(1)));
         assert!(runs_inline(&small(), &l, &interval));
-        // An fsync per round waits on the disk.
+        // Under every-batch a leader's appends are flushed in the background...
+        let every_batch = flushing(FlushPolicy::EveryBatch);
+        assert!(runs_inline(&small(), &l, &every_batch));
+        // ...and a follower's in line: that waits on the disk.
+        let from_leader = Command::AppendFromLeader {
+            epoch: 0,
+            records: bytes::Bytes::from_static(b"x"),
+            leader: PartitionState::default(),
+            reply: oneshot::channel().0,
+        };
         assert!(!runs_inline(
-            &small(),
+            &Work::Commands(vec![from_leader]),
             &l,
-            &flushing(FlushPolicy::EveryBatch)
+            &every_batch
         ));
         // Too many bytes together.
         let big = Work::Commands(vec![append(200 << 10), append(100 << 10)]);
