@@ -633,6 +633,73 @@ fn every_batch_flushes_left_to_the_owner_cover_every_append_and_follow_each_othe
 }
 
 #[test]
+fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::EveryBatch;
+    config.segment_bytes = 4096;
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.flush_in_background();
+    let rounds = |flush: sluice_log_store::BackgroundFlush| {
+        let mut done = Vec::new();
+        flush.run_each(|d| done.push(d));
+        done
+    };
+
+    log.append(&batch("a", 2, 1), opts()).expect("append");
+    let flush = log.start_background_flush().expect("start").expect("due");
+    log.append(&batch("b", 3, 1), opts()).expect("append");
+    // Two rounds: what was there when it began, then what came meanwhile.
+    let done = rounds(flush);
+    assert_eq!(done.len(), 2);
+    let mut done = done.into_iter();
+    log.finish_background_flush(done.next().expect("first"))
+        .expect("finish");
+    assert_eq!(log.recovery_point(), 2);
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "still running"
+    );
+    log.finish_background_flush(done.next().expect("second"))
+        .expect("finish");
+    assert_eq!(log.recovery_point(), 5);
+    assert!(log.start_background_flush().expect("start").is_none());
+
+    // A truncation meanwhile: one round, which vouches for nothing.
+    log.append(&batch("c", 1, 1), opts()).expect("append");
+    let flush = log.start_background_flush().expect("start").expect("due");
+    log.truncate_to(5).expect("truncate");
+    log.append(&batch("d", 2, 1), opts()).expect("append");
+    let done = rounds(flush);
+    assert_eq!(done.len(), 1);
+    for d in done {
+        log.finish_background_flush(d).expect("finish");
+    }
+    assert_eq!(log.recovery_point(), 5);
+    // The next flush covers the batch written since.
+    let flush = log.start_background_flush().expect("start").expect("due");
+    for d in rounds(flush) {
+        log.finish_background_flush(d).expect("finish");
+    }
+    assert_eq!(log.recovery_point(), 7);
+
+    // A new segment meanwhile: the flush's file is not where those appends went.
+    log.append(&batch("e", 1, 1), opts()).expect("append");
+    let flush = log.start_background_flush().expect("start").expect("due");
+    let big = "x".repeat(3000);
+    let before = log.segment_base_offsets().len();
+    log.append(&batch(&big, 2, 1), opts()).expect("append");
+    assert!(log.segment_base_offsets().len() > before, "rolled");
+    let done = rounds(flush);
+    assert_eq!(done.len(), 1, "stops at the roll");
+    for d in done {
+        log.finish_background_flush(d).expect("finish");
+    }
+    // The roll synced the segment it sealed; the new one waits for a flush of its own.
+    assert_eq!(log.recovery_point(), 8);
+}
+
+#[test]
 fn early_writeback_under_the_interval_policy_is_not_a_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = LogConfig::default();

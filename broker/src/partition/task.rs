@@ -177,7 +177,9 @@ pub(super) async fn run(mut task: Task) {
             let flushed_tx = flushed_tx.clone();
             tokio::task::spawn_blocking(move || {
                 // The task may have stopped meanwhile; the fsync has still happened.
-                let _ = flushed_tx.send(flush.run());
+                flush.run_each(|done| {
+                    let _ = flushed_tx.send(done);
+                });
             });
         }
         if let Some(writeback) = writeback {
