@@ -470,20 +470,25 @@ mod tests {
     use bytes::Bytes;
     use tonic::codegen::Body as _;
 
+    /// Partition 3 of topic "a", holding `records`.
+    fn holding(records: &Bytes) -> FetchPartitionResponse {
+        FetchPartitionResponse {
+            topic: "a".into(),
+            partition: 3,
+            high_watermark: 10,
+            log_start_offset: 2,
+            records: records.clone(),
+            error: None,
+        }
+    }
+
     #[test]
     fn a_one_partition_answer_ends_with_its_records() {
         // Nothing after the records: a chunk after them would go out in a write of its
         // own, and the reader would wake for a message it cannot decode yet.
         let records = Bytes::from(vec![7u8; 3000]);
         let response = FetchResponse {
-            partitions: vec![FetchPartitionResponse {
-                topic: "a".into(),
-                partition: 3,
-                high_watermark: 10,
-                log_start_offset: 2,
-                records: records.clone(),
-                error: None,
-            }],
+            partitions: vec![holding(&records)],
             request_id: 9,
         };
         let chunks = answer_pieces(response).expect("pieces").into_chunks();
@@ -497,14 +502,7 @@ mod tests {
         let records = Bytes::from(vec![7u8; 3000]);
         let response = FetchResponse {
             partitions: vec![
-                FetchPartitionResponse {
-                    topic: "a".into(),
-                    partition: 3,
-                    high_watermark: 10,
-                    log_start_offset: 2,
-                    records: records.clone(),
-                    error: None,
-                },
+                holding(&records),
                 // An empty partition and an error one: no records field at all.
                 FetchPartitionResponse {
                     topic: "b".into(),
