@@ -98,6 +98,8 @@ struct Written {
     base: u64,
     truncations: u64,
     end: u64,
+    /// The policy was still `every-batch` then: a flush follows only such writes.
+    every_batch: bool,
 }
 
 /// An fsync taken off the append path: of a segment sealed without one (`Log::roll`),
@@ -180,12 +182,12 @@ impl BackgroundFlush {
     }
 
     /// The end of what the appends wrote past `upto` since, if it is in the segment
-    /// this flush syncs and no truncation came between.
+    /// this flush syncs, no truncation came between, and the policy still asks for it.
     fn more(&self) -> Option<u64> {
         let (written, base) = self.follow.as_ref()?;
         let now = *written.lock().unwrap_or_else(PoisonError::into_inner);
-        (now.base == *base && now.truncations == self.truncations && now.end > self.upto)
-            .then_some(now.end)
+        let same = now.base == *base && now.truncations == self.truncations;
+        (same && now.every_batch && now.end > self.upto).then_some(now.end)
     }
 }
 
@@ -341,6 +343,7 @@ impl Log {
                 base: 0,
                 truncations: 0,
                 end: 0,
+                every_batch: false,
             })),
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
@@ -562,6 +565,7 @@ impl Log {
                     base: self.active().base_offset(),
                     truncations: self.truncations,
                     end: header.last_offset() + 1,
+                    every_batch: self.config.flush == FlushPolicy::EveryBatch,
                 };
                 Ok(())
             }

@@ -697,6 +697,20 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     }
     // The roll synced the segment it sealed; the new one waits for a flush of its own.
     assert_eq!(log.recovery_point(), 8);
+    let flush = log.start_background_flush().expect("start").expect("due");
+    for d in rounds(flush) {
+        log.finish_background_flush(d).expect("finish");
+    }
+    assert_eq!(log.recovery_point(), 10);
+
+    // A topic that leaves every-batch: a flush running stops following the appends.
+    log.append(&batch("f", 1, 1), opts()).expect("append");
+    let flush = log.start_background_flush().expect("start").expect("due");
+    let mut os = log.config().clone();
+    os.flush = FlushPolicy::Os;
+    log.set_config(os).expect("config");
+    log.append(&batch("g", 1, 1), opts()).expect("append");
+    assert_eq!(rounds(flush).len(), 1);
 }
 
 #[test]

@@ -65,7 +65,8 @@ pub(super) async fn run(mut task: Task) {
     let mut ticker = tokio::time::interval(tick_interval(&task.config));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_retention = Instant::now();
-    // Interval flushes run beside the rounds and report here when done.
+    // Background flushes (under the interval and every-batch policies, and of a segment
+    // sealed without its fsync) run beside the rounds and report here.
     let (flushed_tx, mut flushed_rx) = mpsc::unbounded_channel::<FlushDone>();
     if let Some((log, _)) = task.log.as_mut() {
         log.flush_in_background();
