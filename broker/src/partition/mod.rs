@@ -1,5 +1,6 @@
 //! The task that owns one partition's log. Everything that touches the log goes through
-//! its channel; produce requests that arrive together share one fsync (group commit).
+//! its channel; produce requests written while an fsync runs share the next one (group
+//! commit).
 
 mod replica;
 mod task;

@@ -276,8 +276,9 @@ fn settle(out: &Published, log: &Log, replica: &mut Replica, config: &TopicConfi
 type Waiting = Vec<(oneshot::Sender<Result<AppendResult>>, AppendResult)>;
 
 /// Runs one round of commands in order. Appends are written without a flush; the flush
-/// policy is applied once at the end (group commit), and `acks=all` producers are
-/// answered once the high watermark covers their batch.
+/// policy is applied once at the end (for a leader that flushes in the background, it
+/// leaves the flush to the next background one), and `acks=all` producers are answered
+/// once the high watermark covers their batch.
 fn run_round(
     slot: &mut Option<Owned>,
     cmds: Vec<Command>,
