@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{batch, sized_batch, small_config, values};
 use sluice_log_store::log::CLEAN_SHUTDOWN_MARKER;
-use sluice_log_store::{AppendOptions, Error, FlushPolicy, Log, LogConfig};
+use sluice_log_store::{AppendOptions, BackgroundFlush, Error, FlushPolicy, Log, LogConfig};
 
 fn opts() -> AppendOptions {
     AppendOptions::default()
@@ -640,17 +640,13 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     config.segment_bytes = 4096;
     let mut log = Log::open(dir.path(), config).expect("open");
     log.flush_in_background();
-    let rounds = |flush: sluice_log_store::BackgroundFlush| {
-        let mut done = Vec::new();
-        flush.run_each(|d| done.push(d));
-        done
-    };
-
     log.append(&batch("a", 2, 1), opts()).expect("append");
     let flush = log.start_background_flush().expect("start").expect("due");
     log.append(&batch("b", 3, 1), opts()).expect("append");
-    // Two rounds: what was there when it began, then what came meanwhile.
-    let done = rounds(flush);
+    // Two rounds: what was there when it began, then what came meanwhile, each handed
+    // back on its own.
+    let mut done = Vec::new();
+    flush.run_each(|d| done.push(d));
     assert_eq!(done.len(), 2);
     let mut done = done.into_iter();
     log.finish_background_flush(done.next().expect("first"))
@@ -670,17 +666,11 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     let flush = log.start_background_flush().expect("start").expect("due");
     log.truncate_to(5).expect("truncate");
     log.append(&batch("d", 2, 1), opts()).expect("append");
-    let done = rounds(flush);
-    assert_eq!(done.len(), 1);
-    for d in done {
-        log.finish_background_flush(d).expect("finish");
-    }
+    assert_eq!(finish_rounds(&mut log, flush), 1);
     assert_eq!(log.recovery_point(), 5);
     // The next flush covers the batch written since.
     let flush = log.start_background_flush().expect("start").expect("due");
-    for d in rounds(flush) {
-        log.finish_background_flush(d).expect("finish");
-    }
+    finish_rounds(&mut log, flush);
     assert_eq!(log.recovery_point(), 7);
 
     // A new segment meanwhile: the flush's file is not where those appends went.
@@ -690,17 +680,11 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     let before = log.segment_base_offsets().len();
     log.append(&batch(&big, 2, 1), opts()).expect("append");
     assert!(log.segment_base_offsets().len() > before, "rolled");
-    let done = rounds(flush);
-    assert_eq!(done.len(), 1, "stops at the roll");
-    for d in done {
-        log.finish_background_flush(d).expect("finish");
-    }
+    assert_eq!(finish_rounds(&mut log, flush), 1, "stops at the roll");
     // The roll synced the segment it sealed; the new one waits for a flush of its own.
     assert_eq!(log.recovery_point(), 8);
     let flush = log.start_background_flush().expect("start").expect("due");
-    for d in rounds(flush) {
-        log.finish_background_flush(d).expect("finish");
-    }
+    finish_rounds(&mut log, flush);
     assert_eq!(log.recovery_point(), 10);
 
     // A topic that leaves every-batch: a flush running stops following the appends.
@@ -710,7 +694,18 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     os.flush = FlushPolicy::Os;
     log.set_config(os).expect("config");
     log.append(&batch("g", 1, 1), opts()).expect("append");
-    assert_eq!(rounds(flush).len(), 1);
+    assert_eq!(finish_rounds(&mut log, flush), 1);
+}
+
+/// Runs `flush` to its end and hands every round back to `log`; how many rounds it took.
+fn finish_rounds(log: &mut Log, flush: BackgroundFlush) -> usize {
+    let mut done = Vec::new();
+    flush.run_each(|d| done.push(d));
+    let rounds = done.len();
+    for d in done {
+        log.finish_background_flush(d).expect("finish");
+    }
+    rounds
 }
 
 #[test]
