@@ -99,9 +99,40 @@ impl Schedule {
     }
 }
 
+/// Writes a record's value for the end-to-end workload: when the record was due, as
+/// nanoseconds since the run started in 8 little-endian bytes, in place of `payload`'s
+/// first 8 bytes, then the rest of `payload` (a shorter one makes a value of 8 bytes).
+/// Every load tool stamps its records this way, so each reader times them alike.
+pub fn put_stamped(out: &mut impl bytes::BufMut, payload: &[u8], since_start: Duration) {
+    let nanos = u64::try_from(since_start.as_nanos()).unwrap_or(u64::MAX);
+    out.put_u64_le(nanos);
+    out.put_slice(payload.get(8..).unwrap_or_default());
+}
+
+/// The due time [`put_stamped`] put in `value`, if it holds one.
+pub fn stamp_of(value: &[u8]) -> Option<Duration> {
+    let nanos = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
+    Some(Duration::from_nanos(nanos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamp_takes_the_first_eight_bytes_and_reads_back() {
+        let payload: Vec<u8> = (0..20).collect();
+        let due = Duration::from_nanos(1_234_567_890);
+        let mut value = Vec::new();
+        put_stamped(&mut value, &payload, due);
+        assert_eq!(value.len(), payload.len());
+        assert_eq!(&value[8..], &payload[8..]);
+        assert_eq!(stamp_of(&value), Some(due));
+        let mut short = Vec::new();
+        put_stamped(&mut short, b"abc", due);
+        assert_eq!(short.len(), 8);
+        assert_eq!(stamp_of(b"seven.."), None);
+    }
 
     #[test]
     fn records_fall_due_at_whole_multiples_of_the_interval() {

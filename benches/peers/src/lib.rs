@@ -102,22 +102,15 @@ impl Summary {
     }
 }
 
-/// The end-to-end workload's stamp: a record's value begins with the time it was due to
-/// be sent, in nanoseconds since the run started, little-endian, as `sluice bench
-/// produce --end-to-end` stamps Sluice's records. `payload` gives the rest of the value
-/// (its first 8 bytes are replaced; a shorter one makes a value of 8 bytes).
-pub fn stamped(payload: &[u8], since_start: std::time::Duration) -> Vec<u8> {
-    let nanos = u64::try_from(since_start.as_nanos()).unwrap_or(u64::MAX);
-    let mut value = Vec::with_capacity(payload.len().max(8));
-    value.extend_from_slice(&nanos.to_le_bytes());
-    value.extend_from_slice(payload.get(8..).unwrap_or_default());
-    value
-}
+pub use sluice_client::pace::stamp_of;
 
-/// The due time `stamped` put in `value`, if it holds one.
-pub fn stamp_of(value: &[u8]) -> Option<std::time::Duration> {
-    let nanos = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
-    Some(std::time::Duration::from_nanos(nanos))
+/// The end-to-end workload's value for a record due `since_start` after the run
+/// started: stamped as `sluice bench produce --end-to-end` stamps Sluice's records
+/// (`sluice_client::pace::put_stamped`).
+pub fn stamped(payload: &[u8], since_start: std::time::Duration) -> Vec<u8> {
+    let mut value = Vec::with_capacity(payload.len().max(8));
+    sluice_client::pace::put_stamped(&mut value, payload, since_start);
+    value
 }
 
 /// Records read back as they arrive, each timed from when it was due (its stamp) to its

@@ -4,7 +4,7 @@ use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use clap::{Args, Subcommand};
 use futures_util::FutureExt;
 use serde_json::json;
@@ -532,9 +532,7 @@ fn stamp(arena: &mut BytesMut, payload: &[u8], since_epoch: Duration) -> Bytes {
     if arena.capacity() < payload.len() {
         arena.reserve(payload.len().max(1) * 256);
     }
-    let nanos = u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX);
-    arena.put_u64_le(nanos);
-    arena.extend_from_slice(payload.get(8..).unwrap_or_default());
+    sluice_client::pace::put_stamped(arena, payload, since_epoch);
     arena.split().freeze()
 }
 
@@ -713,15 +711,9 @@ fn read_back(
                 last_new = Instant::now();
             }
             for r in records {
-                let sent = r
-                    .value
-                    .as_deref()
-                    .and_then(|v| v.get(..8))
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_le_bytes);
+                let sent = r.value.as_deref().and_then(sluice_client::pace::stamp_of);
                 let Some(sent) = sent else { continue };
                 read += 1;
-                let sent = Duration::from_nanos(sent);
                 if sent < measure_from {
                     continue;
                 }
