@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use clap::Parser;
+use sluice_client::pace::put_stamped;
 use sluice_client::Schedule;
 use sluice_peer_load::{
-    peer_payloads, print_consumed, share, stamped, within, Arrivals, LoadArgs, Summary,
-    READ_BACK_WAIT,
+    peer_payloads, print_consumed, share, within, Arrivals, LoadArgs, Summary, READ_BACK_WAIT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -161,6 +161,8 @@ struct Sender {
     /// Under `--end-to-end`, when the run started: each value is stamped with its due
     /// time since then.
     stamp_from: Option<Instant>,
+    /// The stamped value being encoded, kept so no record allocates one.
+    stamped: Vec<u8>,
 }
 
 impl Sender {
@@ -180,8 +182,13 @@ impl Sender {
             let value = &self.pool[(i % self.pool.len() as u64) as usize];
             match self.stamp_from {
                 Some(started) => {
-                    let value = stamped(value, at.saturating_duration_since(started));
-                    encode_xadd(&mut self.out, &self.stream, &value);
+                    self.stamped.clear();
+                    put_stamped(
+                        &mut self.stamped,
+                        value,
+                        at.saturating_duration_since(started),
+                    );
+                    encode_xadd(&mut self.out, &self.stream, &self.stamped);
                 }
                 None => encode_xadd(&mut self.out, &self.stream, value),
             }
@@ -216,6 +223,7 @@ async fn produce(
         sent: sent_tx,
         out: Vec::new(),
         stamp_from,
+        stamped: Vec::new(),
     };
     let window_len = args.load.window as u64;
     match rate {
