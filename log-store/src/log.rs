@@ -87,7 +87,9 @@ pub struct Log {
     /// after a crash recovering the last two segments is enough.
     unsynced_seal: Option<u64>,
     /// What the appends have put in the page cache so far, for a background flush that
-    /// follows them (`BackgroundFlush::run_each`).
+    /// follows them (`BackgroundFlush::run_each`); kept only while flushes are the
+    /// owner's under `FlushPolicy::EveryBatch`, so one running stops following once the
+    /// policy changes.
     written: Arc<Mutex<Written>>,
 }
 
@@ -98,8 +100,6 @@ struct Written {
     base: u64,
     truncations: u64,
     end: u64,
-    /// The policy was still `every-batch` then: a flush follows only such writes.
-    every_batch: bool,
 }
 
 /// An fsync taken off the append path: of a segment sealed without one (`Log::roll`),
@@ -182,12 +182,12 @@ impl BackgroundFlush {
     }
 
     /// The end of what the appends wrote past `upto` since, if it is in the segment
-    /// this flush syncs, no truncation came between, and the policy still asks for it.
+    /// this flush syncs and no truncation came between.
     fn more(&self) -> Option<u64> {
         let (written, base) = self.follow.as_ref()?;
         let now = *written.lock().unwrap_or_else(PoisonError::into_inner);
         let same = now.base == *base && now.truncations == self.truncations;
-        (same && now.every_batch && now.end > self.upto).then_some(now.end)
+        (same && now.end > self.upto).then_some(now.end)
     }
 }
 
@@ -343,7 +343,6 @@ impl Log {
                 base: 0,
                 truncations: 0,
                 end: 0,
-                every_batch: false,
             })),
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
@@ -560,13 +559,14 @@ impl Log {
         match self.active_mut().append(stamped, body, header) {
             Ok(()) => {
                 self.tail.appended(header.base_offset, position, len);
-                // After the write: a flush that reads this end syncs what it names.
-                *self.written.lock().unwrap_or_else(PoisonError::into_inner) = Written {
-                    base: self.active().base_offset(),
-                    truncations: self.truncations,
-                    end: header.last_offset() + 1,
-                    every_batch: self.config.flush == FlushPolicy::EveryBatch,
-                };
+                if self.background_flush && self.config.flush == FlushPolicy::EveryBatch {
+                    // After the write: a flush that reads this end syncs what it names.
+                    *self.written.lock().unwrap_or_else(PoisonError::into_inner) = Written {
+                        base: self.active().base_offset(),
+                        truncations: self.truncations,
+                        end: header.last_offset() + 1,
+                    };
+                }
                 Ok(())
             }
             Err(AppendFailure::Recoverable(e)) => Err(e),
