@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -90,27 +90,7 @@ pub struct Log {
     /// follows them (`BackgroundFlush::run_each`); kept only while flushes are the
     /// owner's under `FlushPolicy::EveryBatch`, so one running stops following once the
     /// policy changes.
-    progress: Arc<Progress>,
-}
-
-/// How long a background flush that follows the appends waits for another write once
-/// it has synced everything written. Ending it instead left the next append's fsync to
-/// start only after the owner had taken the last round back and handed a new flush to
-/// a thread: 0.2-0.6 ms between fsyncs, at a tenth of them, at 1.8 M records/s. Short,
-/// since a flush waiting holds a blocking thread.
-const FOLLOW_LINGER: Duration = Duration::from_millis(1);
-
-/// What the appends have written, and a way to wake a flush waiting for more.
-#[derive(Debug)]
-struct Progress {
-    written: Mutex<Written>,
-    more: Condvar,
-}
-
-impl Progress {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Written> {
-        self.written.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+    written: Arc<Mutex<Written>>,
 }
 
 /// The end of what the log's writes have handed to the page cache, and where: the
@@ -120,8 +100,6 @@ struct Written {
     base: u64,
     truncations: u64,
     end: u64,
-    /// A flush is waiting for the next write (`BackgroundFlush::next`).
-    waiting: bool,
 }
 
 /// An fsync taken off the append path: of a segment sealed without one (`Log::roll`),
@@ -139,9 +117,7 @@ pub struct BackgroundFlush {
     truncations: u64,
     /// Under `every-batch`: what the appends have written, and the base offset of the
     /// segment `active` is, so `run_each` can go on to what they wrote meanwhile.
-    follow: Option<(Arc<Progress>, u64)>,
-    /// How long `run_each` waits for another write once it has synced everything written.
-    linger: Duration,
+    follow: Option<(Arc<Mutex<Written>>, u64)>,
 }
 
 /// A finished background flush, or one round of one that follows the appends, to hand
@@ -157,12 +133,6 @@ pub struct FlushDone {
 }
 
 impl BackgroundFlush {
-    /// The same flush, waiting `linger` (instead of `FOLLOW_LINGER`, 1 ms) for another
-    /// write each time it has synced everything written.
-    pub fn with_linger(self, linger: Duration) -> BackgroundFlush {
-        BackgroundFlush { linger, ..self }
-    }
-
     /// Runs the fsync once (blocking).
     pub fn run(mut self) -> FlushDone {
         let result = self.sync();
@@ -177,42 +147,23 @@ impl BackgroundFlush {
 
     /// Runs the fsync (blocking), reporting each round to `report`; under `every-batch`,
     /// goes straight on to another round for whatever the appends wrote to the same
-    /// segment meanwhile, and once a round has synced everything written, hands it back
-    /// and waits a little for the next write (`FOLLOW_LINGER`, or as `with_linger`
-    /// says) before it ends, with a last report that covers nothing new. Handing every round back to the log before the
-    /// next could start left the disk idle between fsyncs for a fifth of the time.
+    /// segment meanwhile, until a round finds nothing new. Handing every round back to
+    /// the log before the next could start left the disk idle between fsyncs for a
+    /// fifth of the time.
     pub fn run_each(mut self, mut report: impl FnMut(FlushDone)) {
         loop {
             let result = self.sync();
-            let next = if result.is_ok() {
-                self.next(Duration::ZERO)
-            } else {
-                Next::Stop
-            };
-            let linger = matches!(next, Next::CaughtUp);
+            let next = if result.is_ok() { self.more() } else { None };
             report(FlushDone {
                 sealed: self.sealed.take().map(|(_, _, base, _)| base),
                 upto: self.upto,
                 truncations: self.truncations,
                 result,
-                last: matches!(next, Next::Stop),
+                last: next.is_none(),
             });
-            // This round's fsync is reported before any wait, so what it covers is
-            // answered at once.
-            let next = if linger { self.next(self.linger) } else { next };
             match next {
-                Next::Upto(end) => self.upto = end,
-                Next::CaughtUp | Next::Stop if linger => {
-                    report(FlushDone {
-                        sealed: None,
-                        upto: self.upto,
-                        truncations: self.truncations,
-                        result: Ok(()),
-                        last: true,
-                    });
-                    return;
-                }
-                Next::CaughtUp | Next::Stop => return,
+                Some(end) => self.upto = end,
+                None => return,
             }
         }
     }
@@ -230,46 +181,14 @@ impl BackgroundFlush {
         })
     }
 
-    /// What to sync next: up to the end the appends have written past `upto`, if it is
-    /// in the segment this flush syncs and no truncation came between; when nothing new
-    /// is there yet, waits up to `linger` for the next write.
-    fn next(&self, linger: Duration) -> Next {
-        let Some((progress, base)) = self.follow.as_ref() else {
-            return Next::Stop;
-        };
-        let deadline = Instant::now() + linger;
-        let mut written = progress.lock();
-        loop {
-            if written.base != *base || written.truncations != self.truncations {
-                // A roll or a truncation: this flush's file or range is not the log's.
-                return Next::Stop;
-            }
-            if written.end > self.upto {
-                return Next::Upto(written.end);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                written.waiting = false;
-                return Next::CaughtUp;
-            }
-            written.waiting = true;
-            written = progress
-                .more
-                .wait_timeout(written, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+    /// The end of what the appends wrote past `upto` since, if it is in the segment
+    /// this flush syncs and no truncation came between.
+    fn more(&self) -> Option<u64> {
+        let (written, base) = self.follow.as_ref()?;
+        let now = *written.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = now.base == *base && now.truncations == self.truncations;
+        (same && now.end > self.upto).then_some(now.end)
     }
-}
-
-/// What a flush that follows the appends does after a round.
-enum Next {
-    /// Syncs again, up to this end.
-    Upto(u64),
-    /// Everything written is synced; it may wait for more.
-    CaughtUp,
-    /// Ends: it follows nothing, failed, or the log rolled or was cut since.
-    Stop,
 }
 
 impl std::fmt::Debug for Log {
@@ -420,15 +339,11 @@ impl Log {
             truncations: 0,
             tail: TailAnchors::default(),
             unsynced_seal: None,
-            progress: Arc::new(Progress {
-                written: Mutex::new(Written {
-                    base: 0,
-                    truncations: 0,
-                    end: 0,
-                    waiting: false,
-                }),
-                more: Condvar::new(),
-            }),
+            written: Arc::new(Mutex::new(Written {
+                base: 0,
+                truncations: 0,
+                end: 0,
+            })),
         };
         // Whatever survived is made durable now, so the recovery point is the log end.
         log.active().flush()?;
@@ -646,18 +561,11 @@ impl Log {
                 self.tail.appended(header.base_offset, position, len);
                 if self.background_flush && self.config.flush == FlushPolicy::EveryBatch {
                     // After the write: a flush that reads this end syncs what it names.
-                    let mut written = self.progress.lock();
-                    let waiting = written.waiting;
-                    *written = Written {
+                    *self.written.lock().unwrap_or_else(PoisonError::into_inner) = Written {
                         base: self.active().base_offset(),
                         truncations: self.truncations,
                         end: header.last_offset() + 1,
-                        waiting: false,
                     };
-                    drop(written);
-                    if waiting {
-                        self.progress.more.notify_one();
-                    }
                 }
                 Ok(())
             }
@@ -777,7 +685,7 @@ impl Log {
             let active = self.active();
             let file = (active.clone_file()?, active.log_path().to_path_buf());
             if self.config.flush == FlushPolicy::EveryBatch {
-                follow = Some((Arc::clone(&self.progress), active.base_offset()));
+                follow = Some((Arc::clone(&self.written), active.base_offset()));
             }
             self.last_flush = Instant::now();
             (Some(file), end)
@@ -794,7 +702,6 @@ impl Log {
             upto,
             truncations: self.truncations,
             follow,
-            linger: FOLLOW_LINGER,
         }))
     }
 

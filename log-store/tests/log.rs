@@ -644,11 +644,10 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     let flush = log.start_background_flush().expect("start").expect("due");
     log.append(&batch("b", 3, 1), opts()).expect("append");
     // Two rounds: what was there when it began, then what came meanwhile, each handed
-    // back on its own; then, once nothing more came while it waited, a last report
-    // that covers nothing new.
+    // back on its own.
     let mut done = Vec::new();
     flush.run_each(|d| done.push(d));
-    assert_eq!(done.len(), 3);
+    assert_eq!(done.len(), 2);
     let mut done = done.into_iter();
     log.finish_background_flush(done.next().expect("first"))
         .expect("finish");
@@ -660,31 +659,19 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     log.finish_background_flush(done.next().expect("second"))
         .expect("finish");
     assert_eq!(log.recovery_point(), 5);
-    log.append(&batch("b2", 1, 1), opts()).expect("append");
-    assert!(
-        log.start_background_flush().expect("start").is_none(),
-        "still waiting for more"
-    );
-    log.finish_background_flush(done.next().expect("last"))
-        .expect("finish");
-    assert_eq!(log.recovery_point(), 5);
-    // Ended: the batch written after it stopped waiting takes a flush of its own.
-    let flush = log.start_background_flush().expect("start").expect("due");
-    finish_rounds(&mut log, flush);
-    assert_eq!(log.recovery_point(), 6);
     assert!(log.start_background_flush().expect("start").is_none());
 
     // A truncation meanwhile: one round, which vouches for nothing.
     log.append(&batch("c", 1, 1), opts()).expect("append");
     let flush = log.start_background_flush().expect("start").expect("due");
-    log.truncate_to(6).expect("truncate");
+    log.truncate_to(5).expect("truncate");
     log.append(&batch("d", 2, 1), opts()).expect("append");
     assert_eq!(finish_rounds(&mut log, flush), 1);
-    assert_eq!(log.recovery_point(), 6);
+    assert_eq!(log.recovery_point(), 5);
     // The next flush covers the batch written since.
     let flush = log.start_background_flush().expect("start").expect("due");
     finish_rounds(&mut log, flush);
-    assert_eq!(log.recovery_point(), 8);
+    assert_eq!(log.recovery_point(), 7);
 
     // A new segment meanwhile: the flush's file is not where those appends went.
     log.append(&batch("e", 1, 1), opts()).expect("append");
@@ -695,68 +682,19 @@ fn an_every_batch_flush_goes_on_to_what_was_written_meanwhile_in_the_same_segmen
     assert!(log.segment_base_offsets().len() > before, "rolled");
     assert_eq!(finish_rounds(&mut log, flush), 1, "stops at the roll");
     // The roll synced the segment it sealed; the new one waits for a flush of its own.
-    assert_eq!(log.recovery_point(), 9);
+    assert_eq!(log.recovery_point(), 8);
     let flush = log.start_background_flush().expect("start").expect("due");
     finish_rounds(&mut log, flush);
-    assert_eq!(log.recovery_point(), 11);
+    assert_eq!(log.recovery_point(), 10);
 
-    // A topic that leaves every-batch: a flush running stops following the appends,
-    // after one round and, its wait for more in vain, the last report.
+    // A topic that leaves every-batch: a flush running stops following the appends.
     log.append(&batch("f", 1, 1), opts()).expect("append");
     let flush = log.start_background_flush().expect("start").expect("due");
     let mut os = log.config().clone();
     os.flush = FlushPolicy::Os;
     log.set_config(os).expect("config");
     log.append(&batch("g", 1, 1), opts()).expect("append");
-    assert_eq!(finish_rounds(&mut log, flush), 2);
-    assert_eq!(log.recovery_point(), 12, "g is not vouched for");
-}
-
-#[test]
-fn an_every_batch_flush_that_has_caught_up_takes_the_next_write_while_it_waits() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = LogConfig::default();
-    config.flush = FlushPolicy::EveryBatch;
-    let mut log = Log::open(dir.path(), config).expect("open");
-    log.flush_in_background();
-    log.append(&batch("a", 2, 1), opts()).expect("append");
-    // Long enough that the write below always comes while it waits.
-    let flush = log
-        .start_background_flush()
-        .expect("start")
-        .expect("due")
-        .with_linger(Duration::from_secs(60));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let flusher = std::thread::spawn(move || flush.run_each(|d| tx.send(d).expect("send")));
-    let wait = Duration::from_secs(10);
-    // Its first round is handed back before it waits, so what it synced is answered.
-    log.finish_background_flush(rx.recv_timeout(wait).expect("first round"))
-        .expect("finish");
-    assert_eq!(log.recovery_point(), 2);
-    // The next write wakes it: no new flush is needed, or allowed, to sync it.
-    log.append(&batch("b", 3, 1), opts()).expect("append");
-    assert!(
-        log.start_background_flush().expect("start").is_none(),
-        "still running"
-    );
-    log.finish_background_flush(rx.recv_timeout(wait).expect("second round"))
-        .expect("finish");
-    assert_eq!(log.recovery_point(), 5);
-    // A truncation ends the wait (the next write says so); the last report vouches
-    // for nothing written since.
-    log.truncate_to(2).expect("truncate");
-    log.append(&batch("c", 1, 1), opts()).expect("append");
-    log.finish_background_flush(rx.recv_timeout(wait).expect("last report"))
-        .expect("finish");
-    flusher.join().expect("flusher");
-    assert!(rx.try_recv().is_err(), "nothing after the last report");
-    assert_eq!(log.recovery_point(), 2);
-    let flush = log
-        .start_background_flush()
-        .expect("start")
-        .expect("due now");
-    finish_rounds(&mut log, flush);
-    assert_eq!(log.recovery_point(), 3);
+    assert_eq!(finish_rounds(&mut log, flush), 1);
 }
 
 /// Runs `flush` to its end and hands every round back to `log`; how many rounds it took.
