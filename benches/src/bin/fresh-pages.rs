@@ -29,8 +29,12 @@ const PAGE: usize = 4096;
 
 fn main() {
     let args = Args::parse();
-    let chunk = args.chunk_mib.max(1) << 20;
-    let chunks = (args.gib << 30) / chunk;
+    let chunk = args.chunk_mib << 20;
+    let chunks = (args.gib << 30).checked_div(chunk).unwrap_or(0);
+    if chunks == 0 {
+        eprintln!("--gib must be at least one chunk (--chunk-mib, which must be above 0)");
+        std::process::exit(2);
+    }
     // Zeroed on request: the allocator maps fresh pages and nothing touches them
     // until the loop below does.
     let mut memory = vec![0u8; chunks * chunk];
@@ -62,11 +66,10 @@ fn main() {
         (fast * chunk) as f64 / f64::from(1u32 << 30),
         fastest,
         match per_page.get(fast..).filter(|rest| !rest.is_empty()) {
-            Some(rest) => format!(
-                "{:.2} µs a page on average ({:.1}x)",
-                rest.iter().sum::<f64>() / rest.len() as f64,
-                rest.iter().sum::<f64>() / rest.len() as f64 / fastest
-            ),
+            Some(rest) => {
+                let mean = rest.iter().sum::<f64>() / rest.len() as f64;
+                format!("{mean:.2} µs a page on average ({:.1}x)", mean / fastest)
+            }
             None => "no slower chunk".to_string(),
         }
     );
