@@ -559,7 +559,7 @@ impl Log {
         match self.active_mut().append(stamped, body, header) {
             Ok(()) => {
                 self.tail.appended(header.base_offset, position, len);
-                if self.background_flush && self.config.flush == FlushPolicy::EveryBatch {
+                if self.flushes_follow_appends() {
                     // After the write: a flush that reads this end syncs what it names.
                     *self.written.lock().unwrap_or_else(PoisonError::into_inner) = Written {
                         base: self.active().base_offset(),
@@ -632,6 +632,14 @@ impl Log {
         self.active_mut().take_writeback()
     }
 
+    /// Whether a background flush goes on to what the appends wrote meanwhile, and so
+    /// whether the appends publish where they ended (`written`): under
+    /// `FlushPolicy::EveryBatch` once the owner runs the flushes. One condition for both,
+    /// so a flush never follows an end nobody publishes.
+    fn flushes_follow_appends(&self) -> bool {
+        self.background_flush && self.config.flush == FlushPolicy::EveryBatch
+    }
+
     /// From now on `apply_flush_policy` leaves flushes and early writeback to the
     /// owner, who takes them with `start_background_flush` and `take_writeback`; so does
     /// `roll` the fsync of the segment it seals (except under `FlushPolicy::EveryBatch`,
@@ -684,7 +692,7 @@ impl Log {
         let (active, upto) = if active_due {
             let active = self.active();
             let file = (active.clone_file()?, active.log_path().to_path_buf());
-            if self.config.flush == FlushPolicy::EveryBatch {
+            if self.flushes_follow_appends() {
                 follow = Some((Arc::clone(&self.written), active.base_offset()));
             }
             self.last_flush = Instant::now();
