@@ -41,6 +41,10 @@ pub struct LogConfig {
     pub max_batch_bytes: u32,
     /// When appends are forced to disk.
     pub flush: FlushPolicy,
+    /// Bytes at the end of the log kept in the page cache (`cache.window.bytes`,
+    /// default unlimited): older bytes are written back and dropped from it, so the
+    /// appends reuse the pages they free. `None` leaves it all to the kernel.
+    pub cache_window_bytes: Option<u64>,
 }
 
 /// One day in milliseconds.
@@ -57,6 +61,7 @@ impl Default for LogConfig {
             index_max_bytes: 10 << 20,
             max_batch_bytes: (1 << 20) + HEADER_LEN as u32,
             flush: FlushPolicy::EveryBatch,
+            cache_window_bytes: None,
         }
     }
 }

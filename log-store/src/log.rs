@@ -25,7 +25,7 @@ use crate::segment::{
 };
 use crate::tail::{TailAnchors, TailView};
 
-pub use crate::segment::{Truncation, Writeback};
+pub use crate::segment::{Release, Truncation, Writeback};
 
 /// Name of the marker a clean close leaves in the partition folder.
 pub const CLEAN_SHUTDOWN_MARKER: &str = ".clean-shutdown";
@@ -630,6 +630,25 @@ impl Log {
             return None;
         }
         self.active_mut().take_writeback()
+    }
+
+    /// Under a cache window (`LogConfig::cache_window_bytes`): the release of what lies
+    /// further than the window from the log's end, in the active segment or the one
+    /// before it, for the owner to run away from the appends (`Release::run`).
+    pub fn take_release(&mut self) -> Option<Release> {
+        let window = self.config.cache_window_bytes?;
+        let active_size = self.active().size();
+        let before = self.segments.values_mut().rev().nth(1);
+        if let Some(keep_from) = active_size.checked_sub(window) {
+            // The window lies inside the active segment: the one before goes whole.
+            if let Some(r) = before.and_then(|seg| seg.take_release(u64::MAX)) {
+                return Some(r);
+            }
+            return self.active_mut().take_release(keep_from);
+        }
+        let seg = before?;
+        let keep_from = seg.size().saturating_sub(window - active_size);
+        seg.take_release(keep_from)
     }
 
     /// Whether a background flush goes on to what the appends wrote meanwhile, and so

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -77,6 +78,11 @@ pub(crate) struct Segment {
     size: u64,
     /// Where the bytes not yet handed to writeback start (see `take_writeback`).
     writeback_from: u64,
+    /// Where the bytes still in the page cache start, as far as this segment knows:
+    /// everything before was written back and dropped (see `take_release`).
+    cached_from: u64,
+    /// Set while a `Release` of this segment runs, so they run one at a time.
+    releasing: Arc<AtomicBool>,
     map: Option<Bytes>,
     /// Shared with every map owner: more than one strong count means readers hold slices.
     token: Arc<()>,
@@ -130,6 +136,100 @@ impl Writeback {
                 libc::SYNC_FILE_RANGE_WRITE,
             )
         };
+    }
+}
+
+/// Bytes of a segment dropped from the page cache at a time (`Segment::take_release`).
+const RELEASE_CHUNK: u64 = 16 << 20;
+
+/// A range of a segment that the log no longer keeps cached: written back, waited for,
+/// then dropped from the page cache and from the broker's mapping. The pages the next
+/// appends need then come from those just freed, not from memory the machine has not
+/// touched lately, which on a virtual machine costs several times as much to fill
+/// (docs/benchmarks.md, "New pages, measured"). A reader of the range reads it from the
+/// disk again.
+#[derive(Debug)]
+pub struct Release {
+    file: File,
+    /// The range in the segment's mapping, kept mapped by this handle for the job.
+    mapped: Bytes,
+    offset: u64,
+    /// The segment's flag, cleared when the job ends.
+    releasing: Arc<AtomicBool>,
+}
+
+impl Release {
+    /// Runs the release (blocking; it waits for the disk). Only a hint: if a call
+    /// fails, the pages stay cached and nothing else changes.
+    pub fn run(self) {
+        let len = self.mapped.len() as u64;
+        let mut written = true;
+        let mut at = 0;
+        // A writeback places the blocks of what it writes, and appends to the file wait
+        // meanwhile: a megabyte at a time keeps each wait short (16 MiB at once held
+        // appends for up to 3 ms here).
+        while written && at < len {
+            let n = WRITEBACK_CHUNK.min(len - at);
+            written = self.write_back(self.offset + at, n).is_ok();
+            at += n;
+        }
+        if written {
+            self.drop_pages();
+        }
+        self.releasing.store(false, Ordering::Release);
+    }
+
+    fn write_back(&self, offset: u64, nbytes: u64) -> std::io::Result<()> {
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(nbytes),
+        ) else {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: sync_file_range(2) only reads its integer arguments; the descriptor
+        // is this job's own handle to the segment file, alive for the call.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                off,
+                n,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Drops the range's pages, now clean: first from the broker's page tables, since
+    /// the page cache keeps every page a process has mapped.
+    fn drop_pages(&self) {
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(self.offset),
+            libc::off64_t::try_from(self.mapped.len()),
+        ) else {
+            return;
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: madvise(2) gets a range of a shared, read-only file mapping that
+        // `mapped` keeps alive for the call, starting on a page (the map starts on one
+        // and `offset` is a whole number of pages). MADV_DONTNEED on such a mapping only
+        // removes page-table entries: a later read faults the file's bytes back in.
+        // posix_fadvise(2) only reads its integer arguments; the descriptor is this
+        // job's own handle to the file.
+        unsafe {
+            libc::madvise(
+                self.mapped.as_ptr() as *mut libc::c_void,
+                self.mapped.len(),
+                libc::MADV_DONTNEED,
+            );
+            libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED);
+        }
     }
 }
 
@@ -236,6 +336,8 @@ impl Segment {
             file,
             size: 0,
             writeback_from: 0,
+            cached_from: 0,
+            releasing: Arc::new(AtomicBool::new(false)),
             map: None,
             token: Arc::new(()),
             index,
@@ -673,6 +775,52 @@ impl Segment {
             file,
             offset,
             nbytes,
+        })
+    }
+
+    /// A `Release` of what this segment still holds cached below `keep_from` (rounded
+    /// down to a page), once that is at least `RELEASE_CHUNK`, or, sealed, of all it
+    /// still holds when `keep_from` is past its end; none while a release of it runs.
+    /// The segment then counts the range as dropped.
+    pub(crate) fn take_release(&mut self, keep_from: u64) -> Option<Release> {
+        const PAGE: u64 = 4096;
+        if self.cached_from > self.size {
+            // A truncation cut the segment below what was dropped: what is written
+            // there again is cached again.
+            self.cached_from = self.size / PAGE * PAGE;
+        }
+        // Only a sealed segment goes to its last byte: the active one's tail is still
+        // being written, and would make a release of every few appends.
+        let whole = self.sealed && keep_from >= self.size;
+        let end = if whole {
+            self.size
+        } else {
+            keep_from / PAGE * PAGE
+        };
+        let enough = if whole {
+            end > self.cached_from
+        } else {
+            end >= self.cached_from.saturating_add(RELEASE_CHUNK)
+        };
+        if !enough {
+            return None;
+        }
+        let map = self.map.as_ref()?;
+        if end > map.len() as u64 || self.releasing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let Ok(file) = self.clone_file() else {
+            self.releasing.store(false, Ordering::Release);
+            return None;
+        };
+        let mapped = map.slice(self.cached_from as usize..end as usize);
+        let offset = self.cached_from;
+        self.cached_from = end;
+        Some(Release {
+            file,
+            mapped,
+            offset,
+            releasing: Arc::clone(&self.releasing),
         })
     }
 

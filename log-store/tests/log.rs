@@ -1168,3 +1168,122 @@ fn a_segment_that_lost_its_tail_before_its_fsync_drops_the_one_after_it() {
     assert_eq!(info.base_offset, end);
     log.verify().expect("verify");
 }
+
+/// Pages of `path` now in the page cache, and pages in all.
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    let file = fs::File::open(path).expect("open segment");
+    #[allow(unsafe_code)]
+    // SAFETY: a read-only map of a file nothing truncates while the test looks at it.
+    let map = unsafe { memmap2::Mmap::map(&file) }.expect("map");
+    let pages = map.len().div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    #[allow(unsafe_code)]
+    // SAFETY: mincore(2) reads the mapping's range, which `map` keeps mapped, and writes
+    // one byte per page into `vec`, which holds that many.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    (vec.iter().filter(|&&b| b & 1 == 1).count(), pages)
+}
+
+/// A batch of 16 records of about 1 KiB whose values name the batch and the record.
+fn numbered_batch(n: u64) -> bytes::Bytes {
+    let mut b = sluice_log_store::RecordBatchBuilder::new(sluice_log_store::Compression::None);
+    for i in 0..16 {
+        let v = format!("{n:08}-{i:02}|").repeat(90);
+        b.append(n as i64, None, Some(v.as_bytes()), &[]);
+    }
+    b.build().expect("build")
+}
+
+#[test]
+fn a_cache_window_drops_older_bytes_from_the_page_cache_and_they_read_back_intact() {
+    // On the disk of the build, not a tmpfs, whose pages are the file itself.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::Os;
+    config.segment_bytes = 24 << 20;
+    config.cache_window_bytes = Some(8 << 20);
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.flush_in_background();
+    let mut batches = 0u64;
+    let mut jobs = 0;
+    while log.size_bytes() < 56 << 20 {
+        log.append_deferred(&numbered_batch(batches), opts())
+            .expect("append");
+        // A consumer at the tail: its reads map the pages into the log's mapping,
+        // where the page cache would otherwise keep them.
+        let tail = log.read(batches * 16, 1 << 20).expect("read the tail");
+        assert_eq!(values(&tail).len(), 16);
+        batches += 1;
+        if let Some(release) = log.take_release() {
+            jobs += 1;
+            std::thread::spawn(move || release.run())
+                .join()
+                .expect("release thread");
+        }
+    }
+    // 56 MiB written, 8 kept: at least 40 MiB dropped, in chunks of 16 MiB or what a
+    // sealed segment had left.
+    assert!((3..=6).contains(&jobs), "{jobs} releases");
+    let mut segments: Vec<_> = fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 3, "{segments:?}");
+    let (cached, pages) = resident_pages(&segments[0]);
+    assert!(
+        cached * 10 < pages,
+        "{cached} of the first segment's {pages} pages still cached"
+    );
+    // What was dropped comes back from the disk, every record as written.
+    let mut offset = 0;
+    while offset < log.log_end_offset() {
+        let read = log.read(offset, 1 << 20).expect("read");
+        for (o, v) in values(&read) {
+            assert_eq!(o, offset, "offsets run on");
+            let (batch, record) = (o / 16, o % 16);
+            assert_eq!(v, format!("{batch:08}-{record:02}|").repeat(90));
+            offset += 1;
+        }
+    }
+    assert_eq!(offset, batches * 16);
+
+    // A window of nothing still drops whole chunks, not each append's few pages.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    config.cache_window_bytes = Some(0);
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.flush_in_background();
+    let mut jobs = 0;
+    for n in 0..2048 {
+        log.append_deferred(&numbered_batch(n), opts())
+            .expect("append");
+        if let Some(release) = log.take_release() {
+            jobs += 1;
+            release.run();
+        }
+    }
+    let chunks = log.size_bytes() / (16 << 20);
+    assert!(
+        jobs >= 1 && jobs <= chunks,
+        "{jobs} releases for {chunks} chunks"
+    );
+
+    // Without a window nothing is taken.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    config.cache_window_bytes = None;
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.flush_in_background();
+    for n in 0..2048 {
+        log.append_deferred(&numbered_batch(n), opts())
+            .expect("append");
+        assert!(log.take_release().is_none());
+    }
+}

@@ -1076,3 +1076,96 @@ async fn a_broker_that_stops_answering_is_given_up_after_the_request_timeout() {
     );
     broker.sigkill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_cache_window_every_record_reads_back_from_the_start() {
+    // On the disk of the build, not a tmpfs, whose pages are the files themselves.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let broker = InProcessBroker::start(dir.path(), |_| {}).await;
+    let addr = broker.address();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin
+        .create_topic(
+            NewTopic::new("windowed", 1)
+                .config("cache.window.bytes", "8MiB")
+                .config("segment.bytes", "16MiB")
+                .config("flush.policy", "os"),
+        )
+        .await
+        .expect("create");
+    let d = admin.describe_topic("windowed").await.expect("describe");
+    assert_eq!(d.configs["cache.window.bytes"], (8u64 << 20).to_string());
+    let value = |i: usize| format!("{i:07}|").repeat(128);
+    // About 40 MiB: five times the window, across two segment rolls, with a consumer
+    // reading along at the tail as the older bytes are dropped behind it.
+    let n = 40_000;
+    let producer = Producer::connect(producer_config(&addr))
+        .await
+        .expect("producer");
+    let mut tail = Consumer::connect(consumer_config(&addr))
+        .await
+        .expect("consumer");
+    tail.assign_topic("windowed").await.expect("assign");
+    let mut followed = 0;
+    for chunk in 0..n / 1000 {
+        for i in chunk * 1000..(chunk + 1) * 1000 {
+            producer
+                .send(ProducerRecord::new("windowed", value(i)))
+                .await
+                .expect("send");
+        }
+        producer.flush().await.expect("flush");
+        followed += consume_n(&mut tail, 1000 - (followed - chunk * 1000))
+            .await
+            .len();
+    }
+    assert!(followed >= n, "the tail consumer read {followed}");
+    // The broker dropped the first segment from the page cache (its releases run in the
+    // background: give them a moment)...
+    let first = dir.path().join("windowed-0").join(format!("{:020}.log", 0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (cached, pages) = resident_pages(&first);
+        if cached * 10 < pages {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{cached} of the first segment's {pages} pages still cached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and what it dropped comes back from the disk, each record as it was sent.
+    let mut consumer = Consumer::connect(consumer_config(&addr))
+        .await
+        .expect("consumer");
+    consumer.assign_topic("windowed").await.expect("assign");
+    let records = consume_n(&mut consumer, n).await;
+    for (i, r) in records.iter().take(n).enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(r.value.as_deref(), Some(value(i).as_bytes()), "record {i}");
+    }
+    broker.stop().await;
+}
+
+/// Pages of `path` now in the page cache, and pages in all.
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    let file = std::fs::File::open(path).expect("open segment");
+    #[allow(unsafe_code)]
+    // SAFETY: a read-only map of a sealed segment, which nothing changes meanwhile.
+    let map = unsafe { memmap2::Mmap::map(&file) }.expect("map");
+    let pages = map.len().div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    #[allow(unsafe_code)]
+    // SAFETY: mincore(2) reads the mapping's range, which `map` keeps mapped, and writes
+    // one byte per page into `vec`, which holds that many.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    (vec.iter().filter(|&&b| b & 1 == 1).count(), pages)
+}

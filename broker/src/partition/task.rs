@@ -148,12 +148,13 @@ pub(super) async fn run(mut task: Task) {
                 None => None,
             };
             let writeback = owned.as_mut().and_then(|(log, _)| log.take_writeback());
+            let release = owned.as_mut().and_then(|(log, _)| log.take_release());
             (
                 owned,
                 changed.unwrap_or(config),
                 after,
                 background,
-                writeback,
+                (writeback, release),
             )
         };
         let round = if inline {
@@ -183,9 +184,14 @@ pub(super) async fn run(mut task: Task) {
                 });
             });
         }
+        let (writeback, release) = writeback;
         if let Some(writeback) = writeback {
             // Off the task, as the flush: it may wait for the block layer.
             tokio::task::spawn_blocking(move || writeback.run());
+        }
+        if let Some(release) = release {
+            // It waits for the disk.
+            tokio::task::spawn_blocking(move || release.run());
         }
         task.config = config;
         task.log = owned;

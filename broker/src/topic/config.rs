@@ -62,6 +62,10 @@ pub const TOPIC_CONFIG_KEYS: &[(&str, &str)] = &[
         "allow an out-of-sync replica to become leader",
     ),
     ("cleanup.policy", "delete (compact is not supported yet)"),
+    (
+        "cache.window.bytes",
+        "bytes at the end of each partition kept in the page cache; older ones are written back and dropped (-1: no limit)",
+    ),
 ];
 
 impl TopicConfig {
@@ -118,6 +122,9 @@ impl TopicConfig {
                     c.unclean_leader_election =
                         v.parse().map_err(|_| bad("must be true or false".into()))?
                 }
+                "cache.window.bytes" => {
+                    c.log.cache_window_bytes = optional(v, parse_bytes).map_err(bad)?
+                }
                 "cleanup.policy" => {
                     if v != "delete" {
                         return Err(bad("only cleanup.policy=delete is supported".into()));
@@ -164,6 +171,10 @@ impl TopicConfig {
         m.insert("retention.ms".into(), opt(self.log.retention_ms));
         m.insert("retention.bytes".into(), opt(self.log.retention_bytes));
         m.insert("segment.bytes".into(), self.log.segment_bytes.to_string());
+        m.insert(
+            "cache.window.bytes".into(),
+            opt(self.log.cache_window_bytes),
+        );
         m.insert("segment.ms".into(), opt(self.log.segment_ms));
         m.insert(
             "segment.index.bytes".into(),
@@ -254,6 +265,7 @@ mod tests {
             ("flush.policy", "interval"),
             ("flush.ms", "250"),
             ("min.insync.replicas", "2"),
+            ("cache.window.bytes", "256MiB"),
         ])
         .expect("valid");
         assert_eq!(c.log.retention_ms, Some(604_800_000));
@@ -266,6 +278,8 @@ mod tests {
             FlushPolicy::Interval(Duration::from_millis(250))
         );
         assert_eq!(c.min_insync_replicas, 2);
+        assert_eq!(c.log.cache_window_bytes, Some(256 << 20));
+        assert_eq!(TopicConfig::default().log.cache_window_bytes, None);
         let described = c.describe();
         assert_eq!(described["flush.ms"], "250");
         assert_eq!(described["retention.bytes"], (1u64 << 30).to_string());
@@ -291,6 +305,7 @@ mod tests {
         assert!(resolve(&[("min.insync.replicas", "0")]).is_err());
         assert!(resolve(&[("cleanup.policy", "compact")]).is_err());
         assert!(resolve(&[("flush.policy", "sometimes")]).is_err());
+        assert!(resolve(&[("cache.window.bytes", "lots")]).is_err());
         assert_eq!(
             resolve(&[("retention.ms", "-1")])
                 .expect("forever")
