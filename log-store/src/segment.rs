@@ -154,8 +154,14 @@ pub struct Release {
     /// The range in the segment's mapping, kept mapped by this handle for the job.
     mapped: Bytes,
     offset: u64,
-    /// The segment's flag, cleared when the job ends.
+    /// The segment's flag, cleared when the job ends (run or not).
     releasing: Arc<AtomicBool>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.releasing.store(false, Ordering::Release);
+    }
 }
 
 impl Release {
@@ -176,7 +182,6 @@ impl Release {
         if written {
             self.drop_pages();
         }
-        self.releasing.store(false, Ordering::Release);
     }
 
     fn write_back(&self, offset: u64, nbytes: u64) -> std::io::Result<()> {

@@ -1115,9 +1115,8 @@ async fn under_a_cache_window_every_record_reads_back_from_the_start() {
                 .expect("send");
         }
         producer.flush().await.expect("flush");
-        followed += consume_n(&mut tail, 1000 - (followed - chunk * 1000))
-            .await
-            .len();
+        let due = (chunk + 1) * 1000 - followed;
+        followed += consume_n(&mut tail, due).await.len();
     }
     assert!(followed >= n, "the tail consumer read {followed}");
     // The broker dropped the first segment from the page cache (its releases run in the
@@ -1125,7 +1124,7 @@ async fn under_a_cache_window_every_record_reads_back_from_the_start() {
     let first = dir.path().join("windowed-0").join(format!("{:020}.log", 0));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (cached, pages) = resident_pages(&first);
+        let (cached, pages) = sluice_log_store::memory::cached_pages(&first).expect("mincore");
         if cached * 10 < pages {
             break;
         }
@@ -1146,26 +1145,4 @@ async fn under_a_cache_window_every_record_reads_back_from_the_start() {
         assert_eq!(r.value.as_deref(), Some(value(i).as_bytes()), "record {i}");
     }
     broker.stop().await;
-}
-
-/// Pages of `path` now in the page cache, and pages in all.
-fn resident_pages(path: &std::path::Path) -> (usize, usize) {
-    let file = std::fs::File::open(path).expect("open segment");
-    #[allow(unsafe_code)]
-    // SAFETY: a read-only map of a sealed segment, which nothing changes meanwhile.
-    let map = unsafe { memmap2::Mmap::map(&file) }.expect("map");
-    let pages = map.len().div_ceil(4096);
-    let mut vec = vec![0u8; pages];
-    #[allow(unsafe_code)]
-    // SAFETY: mincore(2) reads the mapping's range, which `map` keeps mapped, and writes
-    // one byte per page into `vec`, which holds that many.
-    let rc = unsafe {
-        libc::mincore(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            vec.as_mut_ptr(),
-        )
-    };
-    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
-    (vec.iter().filter(|&&b| b & 1 == 1).count(), pages)
 }
