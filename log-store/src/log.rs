@@ -633,22 +633,30 @@ impl Log {
     }
 
     /// Under a cache window (`LogConfig::cache_window_bytes`): the release of what lies
-    /// further than the window from the log's end, in the active segment or the one
-    /// before it, for the owner to run away from the appends (`Release::run`).
+    /// further than the window from the log's end, for the owner to run away from the
+    /// appends (`Release::run`). Looks back from the active segment to the newest one
+    /// wholly outside the window: the ones before that were dropped as they left it
+    /// (after a reopen, or a window set later, the kernel keeps deciding for them).
     pub fn take_release(&mut self) -> Option<Release> {
         let window = self.config.cache_window_bytes?;
-        let active_size = self.active().size();
-        let before = self.segments.values_mut().rev().nth(1);
-        if let Some(keep_from) = active_size.checked_sub(window) {
-            // The window lies inside the active segment: the one before goes whole.
-            if let Some(r) = before.and_then(|seg| seg.take_release(u64::MAX)) {
-                return Some(r);
+        // Bytes in the segments newer than the one looked at.
+        let mut newer = 0u64;
+        for (i, seg) in self.segments.values_mut().rev().enumerate() {
+            let outside = i > 0 && newer >= window;
+            let keep_from = if outside {
+                u64::MAX
+            } else {
+                seg.size().saturating_sub(window - newer)
+            };
+            if let Some(release) = seg.take_release(keep_from) {
+                return Some(release);
             }
-            return self.active_mut().take_release(keep_from);
+            if outside {
+                return None;
+            }
+            newer = newer.saturating_add(seg.size());
         }
-        let seg = before?;
-        let keep_from = seg.size().saturating_sub(window - active_size);
-        seg.take_release(keep_from)
+        None
     }
 
     /// Whether a background flush goes on to what the appends wrote meanwhile, and so

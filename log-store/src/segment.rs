@@ -172,8 +172,8 @@ impl Release {
         let mut written = true;
         let mut at = 0;
         // A writeback places the blocks of what it writes, and appends to the file wait
-        // meanwhile: a megabyte at a time keeps each wait short (16 MiB at once held
-        // appends for up to 3 ms here).
+        // meanwhile: a megabyte at a time keeps each wait short (16 MiB at once held a
+        // write for up to 3.4 ms here, 1 MiB for 0.66 ms).
         while written && at < len {
             let n = WRITEBACK_CHUNK.min(len - at);
             written = self.write_back(self.offset + at, n).is_ok();

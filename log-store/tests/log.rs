@@ -1234,6 +1234,36 @@ fn a_cache_window_drops_older_bytes_from_the_page_cache_and_they_read_back_intac
     }
     assert_eq!(offset, batches * 16);
 
+    // A window wider than a segment: every segment wholly outside it is dropped, not
+    // only the newest such one.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    config.cache_window_bytes = Some(40 << 20);
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.flush_in_background();
+    let mut n = 0;
+    while log.size_bytes() < 100 << 20 {
+        log.append_deferred(&numbered_batch(n), opts())
+            .expect("append");
+        n += 1;
+        if let Some(release) = log.take_release() {
+            release.run();
+        }
+    }
+    let mut segments: Vec<_> = fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 5, "{segments:?}");
+    for old in &segments[..2] {
+        let (cached, pages) = sluice_log_store::memory::cached_pages(old).expect("mincore");
+        assert!(
+            cached * 10 < pages,
+            "{old:?}: {cached} of {pages} pages cached"
+        );
+    }
+
     // A window of nothing still drops whole chunks, not each append's few pages; and a
     // release dropped without running (a runtime shutting down) does not stop the next.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
