@@ -769,13 +769,18 @@ fn with_flushes_in_the_background_early_writeback_is_handed_to_the_owner() {
 }
 
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    segment_files(dir).pop().expect("a segment")
+}
+
+/// The log files of the segments in `dir`, oldest first.
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut logs: Vec<_> = fs::read_dir(dir)
         .expect("dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     logs.sort();
-    logs.pop().expect("a segment")
+    logs
 }
 
 /// Writes `n` batches of 3 records and returns the byte size after each one.
@@ -1209,12 +1214,7 @@ fn a_cache_window_drops_older_bytes_from_the_page_cache_and_they_read_back_intac
     // 56 MiB written, 8 kept: at least 40 MiB dropped, in chunks of 16 MiB or what a
     // sealed segment had left.
     assert!((3..=6).contains(&jobs), "{jobs} releases");
-    let mut segments: Vec<_> = fs::read_dir(dir.path())
-        .expect("dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    segments.sort();
+    let segments = segment_files(dir.path());
     assert_eq!(segments.len(), 3, "{segments:?}");
     let (cached, pages) = sluice_log_store::memory::cached_pages(&segments[0]).expect("mincore");
     assert!(
@@ -1249,12 +1249,7 @@ fn a_cache_window_drops_older_bytes_from_the_page_cache_and_they_read_back_intac
             release.run();
         }
     }
-    let mut segments: Vec<_> = fs::read_dir(dir.path())
-        .expect("dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    segments.sort();
+    let segments = segment_files(dir.path());
     assert_eq!(segments.len(), 5, "{segments:?}");
     for old in &segments[..2] {
         let (cached, pages) = sluice_log_store::memory::cached_pages(old).expect("mincore");
