@@ -165,7 +165,7 @@ pub(super) async fn run(mut task: Task) {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let (owned, config, after, background, writeback) = match round {
+        let (owned, config, after, background, (writeback, release)) = match round {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(partition = %task.tp, error = %e, "partition round failed");
@@ -184,7 +184,6 @@ pub(super) async fn run(mut task: Task) {
                 });
             });
         }
-        let (writeback, release) = writeback;
         if let Some(writeback) = writeback {
             // Off the task, as the flush: it may wait for the block layer.
             tokio::task::spawn_blocking(move || writeback.run());
