@@ -171,9 +171,10 @@ impl Release {
     pub fn run(self) {
         // A writeback places the blocks of what it writes, and appends to the file wait
         // meanwhile: a megabyte at a time keeps each wait short (16 MiB at once held a
-        // write for up to 3.4 ms here, 1 MiB for 0.66 ms). Dropping each megabyte as
-        // soon as it is clean spreads the drops as evenly: dropping all 16 MiB at the
-        // end set the end-to-end p99 at half of peak higher in 9 pairs of 11
+        // write for up to 3.4 ms here, 1 MiB for 0.66 ms). Each megabyte is dropped as
+        // soon as it is clean, so the drops are spread over the job as the writeback
+        // is: dropping all 16 MiB at the end took a CPU for up to 3 ms at once, and set
+        // the end-to-end p99 at half of peak higher in 16 pairs of 18
         // (docs/benchmarks-history.md, "Sustained at half of peak").
         let len = self.mapped.len() as u64;
         let mut at = 0;
