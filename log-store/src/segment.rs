@@ -177,15 +177,9 @@ impl Release {
         // the end-to-end p99 at half of peak higher in 16 pairs of 18
         // (docs/benchmarks-history.md, "Sustained at half of peak").
         let len = self.mapped.len() as u64;
-        let mut at = 0;
-        while at < len {
-            let n = WRITEBACK_CHUNK.min(len - at);
-            if write_back_waited(&self.file, self.offset + at, n, n).is_err() {
-                return;
-            }
-            self.drop_pages(at, n);
-            at += n;
-        }
+        let _ = write_back_waited(&self.file, self.offset, len, WRITEBACK_CHUNK, |at, n| {
+            self.drop_pages(at, n)
+        });
     }
 
     /// Drops `len` bytes of the range's pages from `at` on, now clean: first from the
@@ -232,7 +226,7 @@ const SEALED_WRITEBACK_CHUNK: u64 = 8 << 20;
 /// under a millisecond between theirs, and the whole takes about as long (0.55 s
 /// against 0.47 s for 1 GiB, both under load: docs/benchmarks.md).
 pub(crate) fn sync_sealed(file: &File, len: u64) -> std::io::Result<()> {
-    if let Err(err) = write_back_waited(file, 0, len, SEALED_WRITEBACK_CHUNK) {
+    if let Err(err) = write_back_waited(file, 0, len, SEALED_WRITEBACK_CHUNK, |_, _| {}) {
         match err.raw_os_error() {
             // Not a file this call works on: the fdatasync below does it all.
             Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EOPNOTSUPP) => {}
@@ -246,9 +240,16 @@ pub(crate) fn sync_sealed(file: &File, len: u64) -> std::io::Result<()> {
 }
 
 /// Writes back `len` bytes of `file` from `from`, `chunk` at a time, each waited for
-/// (`sync_file_range`) before the next starts; stops at the first error. A range the
-/// call cannot express is `EINVAL`, as the call itself would answer.
-fn write_back_waited(file: &File, from: u64, len: u64, chunk: u64) -> std::io::Result<()> {
+/// (`sync_file_range`) before the next starts, then handed to `written` as its start
+/// (from `from`) and length; stops at the first error. A range the call cannot express
+/// is `EINVAL`, as the call itself would answer.
+fn write_back_waited(
+    file: &File,
+    from: u64,
+    len: u64,
+    chunk: u64,
+    mut written: impl FnMut(u64, u64),
+) -> std::io::Result<()> {
     let mut at = 0u64;
     while at < len {
         let nbytes = chunk.min(len - at);
@@ -274,6 +275,7 @@ fn write_back_waited(file: &File, from: u64, len: u64, chunk: u64) -> std::io::R
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        written(at, nbytes);
         at += nbytes;
     }
     Ok(())
