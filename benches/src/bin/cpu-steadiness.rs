@@ -13,7 +13,17 @@
 //!   cpu-steadiness --secs 20                 # every CPU busy, nothing else running
 //!   cpu-steadiness --secs 8 --duty-percent 5 # alongside a benchmark, a light load
 //!   cpu-steadiness --secs 5 --wake-secs 5    # and the machine's late wake-ups
+//!   cpu-steadiness --secs 1 --wake-secs 10 --write-mb-per-sec 185 --write-dir target
+//!                                            # late wake-ups with the disk idle, then
+//!                                            # while it takes 185 MB/s
+//!
+//! On a virtual machine the host does the disk's work, and a guest writing steadily
+//! can find its vCPUs held up more often than an idle one: the second probe shows by
+//! how much, with no program of ours in the way. Its writes bypass the page cache
+//! (`O_DIRECT`), so they cost the guest's CPUs next to nothing themselves.
 
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -33,6 +43,14 @@ struct Args {
     /// Afterwards, time wake-ups for this long (0: not at all).
     #[arg(long, default_value_t = 0.0)]
     wake_secs: f64,
+    /// Time the wake-ups a second time while a thread writes this many MB/s to a file
+    /// in `--write-dir`, bypassing the page cache (0: not at all).
+    #[arg(long, default_value_t = 0.0, requires = "write_dir")]
+    write_mb_per_sec: f64,
+    /// Where the second probe's file goes (a folder on the disk under test; removed
+    /// afterwards).
+    #[arg(long)]
+    write_dir: Option<PathBuf>,
 }
 
 /// How long each wake-up probe sleeps.
@@ -56,6 +74,66 @@ fn wake_ups(epoch: Instant, end: Instant) -> (u64, Vec<(Duration, Duration)>) {
         if over >= LATE {
             late.push((asked + NAP - epoch, over));
         }
+    }
+}
+
+/// Bytes each direct write takes, and the alignment `O_DIRECT` asks of its buffer.
+const WRITE_BLOCK: usize = 1 << 20;
+const DIRECT_ALIGN: usize = 4096;
+/// The file written over and over is this long, so a long probe fills no disk.
+const WRITE_FILE_BYTES: u64 = 1 << 30;
+
+/// Writes `WRITE_BLOCK`s to a new file under `dir` at `mb_per_sec` until `end`,
+/// bypassing the page cache; returns the bytes written.
+fn write_steadily(dir: &Path, mb_per_sec: f64, end: Instant) -> std::io::Result<u64> {
+    let folder = tempfile::TempDir::new_in(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(folder.path().join("steady-writes"))?;
+    let mut buffer = vec![0u8; WRITE_BLOCK + DIRECT_ALIGN];
+    let skip = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+    let block = &mut buffer[skip..skip + WRITE_BLOCK];
+    // Not all zeros, in case the host would store those for less.
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+    }
+    let started = Instant::now();
+    let bytes_per_sec = mb_per_sec * 1e6;
+    let mut written = 0u64;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return Ok(written);
+        }
+        let due = started + Duration::from_secs_f64(written as f64 / bytes_per_sec);
+        if due > now {
+            std::thread::sleep(due - now);
+            continue;
+        }
+        file.write_all_at(block, written % WRITE_FILE_BYTES)?;
+        written += WRITE_BLOCK as u64;
+    }
+}
+
+/// Times wake-ups as `report_wake_ups` does while `write_steadily` runs beside them.
+fn report_wake_ups_while_writing(threads: usize, secs: f64, dir: &Path, mb_per_sec: f64) {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let writer = {
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || write_steadily(&dir, mb_per_sec, end))
+    };
+    println!("while the disk takes {mb_per_sec:.0} MB/s (direct writes of 1 MiB):");
+    report_wake_ups(threads, secs);
+    match writer.join() {
+        Ok(Ok(bytes)) => println!(
+            "written: {:.2} GB, {:.0} MB/s",
+            bytes as f64 / 1e9,
+            bytes as f64 / 1e6 / secs
+        ),
+        Ok(Err(e)) => println!("the writes failed, so the second probe is no measure: {e}"),
+        Err(_) => println!("the writing thread panicked, so the second probe is no measure"),
     }
 }
 
@@ -143,6 +221,10 @@ fn median(v: &mut [Duration]) -> Duration {
 
 fn main() {
     let args = Args::parse();
+    if args.write_mb_per_sec > 0.0 && args.wake_secs <= 0.0 {
+        eprintln!("--write-mb-per-sec times wake-ups: give --wake-secs too");
+        std::process::exit(2);
+    }
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -210,5 +292,12 @@ fn main() {
     }
     if args.wake_secs > 0.0 {
         report_wake_ups(threads, args.wake_secs);
+        if let Some(dir) = args
+            .write_dir
+            .as_deref()
+            .filter(|_| args.write_mb_per_sec > 0.0)
+        {
+            report_wake_ups_while_writing(threads, args.wake_secs, dir, args.write_mb_per_sec);
+        }
     }
 }
