@@ -18,8 +18,8 @@
 //!                                            # while it takes 185 MB/s
 //!
 //! On a virtual machine the host does the disk's work, and a guest writing steadily
-//! can find its vCPUs held up more often than an idle one: the second probe shows by
-//! how much, with no program of ours in the way. Its writes bypass the page cache
+//! may find its vCPUs held up more often than an idle one: the second probe shows
+//! whether it does, with no program of ours in the way. Its writes bypass the page cache
 //! (`O_DIRECT`), so they cost the guest's CPUs next to nothing themselves.
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
