@@ -59,6 +59,10 @@ fn main() {
         eprintln!("--writes and --write-bytes must be above 0");
         std::process::exit(2);
     }
+    let Some(total) = args.writes.checked_mul(args.write_bytes) else {
+        eprintln!("--writes times --write-bytes is too large");
+        std::process::exit(2);
+    };
     let dir = match tempfile::tempdir_in(&args.dir) {
         Ok(d) => d,
         Err(e) => {
@@ -76,7 +80,7 @@ fn main() {
     println!("| --- | ---: | ---: | ---: |");
     for way in [Way::Append, Way::Zeroed, Way::ZeroedPadded] {
         let path = dir.path().join("fsync-ahead.dat");
-        match run(&path, way, &args) {
+        match run(&path, way, &args, total) {
             Ok(r) => println!(
                 "| {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} |",
                 way.name(),
@@ -88,6 +92,8 @@ fn main() {
             ),
             Err(e) => {
                 eprintln!("{}: {e}", way.name());
+                // Exiting skips destructors: remove the folder first.
+                drop(dir);
                 std::process::exit(1);
             }
         }
@@ -101,8 +107,8 @@ struct Report {
     read_kib: f64,
 }
 
-fn run(path: &Path, way: Way, args: &Args) -> std::io::Result<Report> {
-    let total = args.writes * args.write_bytes;
+/// Runs one way: `args.writes` writes of `args.write_bytes`, `total` bytes in all.
+fn run(path: &Path, way: Way, args: &Args, total: usize) -> std::io::Result<Report> {
     if way != Way::Append {
         zero_first(path, total.div_ceil(ZERO_CHUNK) * ZERO_CHUNK)?;
     }
