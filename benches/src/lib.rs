@@ -1,5 +1,6 @@
 //! Shared pieces of the Sluice benchmarks: the workload (100-byte records in ~16 KiB
-//! batches), logs filled to a size, and `dd` as the disk's reference writer.
+//! batches), logs filled to a size, `dd` as the disk's reference writer, and buffers for
+//! writes that bypass the page cache.
 
 use std::path::Path;
 use std::process::Command;
@@ -105,6 +106,36 @@ pub fn median(times: &mut [Duration]) -> Duration {
     times.get(times.len() / 2).copied().unwrap_or_default()
 }
 
+/// What `O_DIRECT` asks of a write's buffer, offset and length: whole 4 KiB blocks.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed buffer of a given length that starts on a `DIRECT_ALIGN` boundary, for
+/// writes to a file opened with `O_DIRECT`.
+pub struct DirectBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl DirectBuffer {
+    /// `len` zero bytes, aligned.
+    pub fn new(len: usize) -> DirectBuffer {
+        let buf = vec![0u8; len + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        DirectBuffer { buf, start, len }
+    }
+
+    /// The aligned bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    /// The aligned bytes, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
 /// Bytes per second as GB/s (10^9).
 pub fn gb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9
@@ -113,6 +144,18 @@ pub fn gb_per_s(bytes: u64, elapsed: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_buffers_start_aligned_and_hold_their_length() {
+        for len in [DIRECT_ALIGN, 1 << 20] {
+            let mut b = DirectBuffer::new(len);
+            assert_eq!(b.bytes().len(), len);
+            assert_eq!(b.bytes().as_ptr() as usize % DIRECT_ALIGN, 0);
+            assert!(b.bytes().iter().all(|&x| x == 0));
+            b.bytes_mut()[len - 1] = 7;
+            assert_eq!(b.bytes()[len - 1], 7);
+        }
+    }
 
     #[test]
     fn the_workload_batch_is_about_16_kib_of_100_byte_records() {

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use sluice_benches::DirectBuffer;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -77,9 +78,8 @@ fn wake_ups(epoch: Instant, end: Instant) -> (u64, Vec<(Duration, Duration)>) {
     }
 }
 
-/// Bytes each direct write takes, and the alignment `O_DIRECT` asks of its buffer.
+/// Bytes each direct write takes.
 const WRITE_BLOCK: usize = 1 << 20;
-const DIRECT_ALIGN: usize = 4096;
 /// The file written over and over is this long, so a long probe fills no disk.
 const WRITE_FILE_BYTES: u64 = 1 << 30;
 
@@ -92,11 +92,9 @@ fn write_steadily(dir: &Path, mb_per_sec: f64, end: Instant) -> std::io::Result<
         .create_new(true)
         .custom_flags(libc::O_DIRECT)
         .open(folder.path().join("steady-writes"))?;
-    let mut buffer = vec![0u8; WRITE_BLOCK + DIRECT_ALIGN];
-    let skip = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-    let block = &mut buffer[skip..skip + WRITE_BLOCK];
+    let mut buffer = DirectBuffer::new(WRITE_BLOCK);
     // Not all zeros, in case the host would store those for less.
-    for (i, b) in block.iter_mut().enumerate() {
+    for (i, b) in buffer.bytes_mut().iter_mut().enumerate() {
         *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
     }
     let started = Instant::now();
@@ -112,7 +110,7 @@ fn write_steadily(dir: &Path, mb_per_sec: f64, end: Instant) -> std::io::Result<
             std::thread::sleep(due - now);
             continue;
         }
-        file.write_all_at(block, written % WRITE_FILE_BYTES)?;
+        file.write_all_at(buffer.bytes(), written % WRITE_FILE_BYTES)?;
         written += WRITE_BLOCK as u64;
     }
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
+use sluice_benches::{DirectBuffer, DIRECT_ALIGN};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -31,7 +32,8 @@ struct Args {
     dir: PathBuf,
 }
 
-const PAGE: usize = 4096;
+/// The page the padded writes fill to its end.
+const PAGE: usize = DIRECT_ALIGN;
 
 /// Bytes of zeros written at once when zeroing a file first.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -176,16 +178,12 @@ fn zero_first(path: &Path, len: usize) -> std::io::Result<()> {
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
-    let buf = vec![0u8; ZERO_CHUNK + PAGE];
-    let start = buf.as_ptr().align_offset(PAGE);
-    let zeros = &buf[start..start + ZERO_CHUNK];
+    let zeros = DirectBuffer::new(ZERO_CHUNK);
     for at in (0..len).step_by(ZERO_CHUNK) {
-        file.write_all_at(zeros, at as u64)?;
+        file.write_all_at(zeros.bytes(), at as u64)?;
     }
     file.sync_all()?;
-    drop(file);
     // Nothing of it cached: a buffered handle opened next reads it from the disk.
-    let file = File::open(path)?;
     drop_cache(&file);
     Ok(())
 }
