@@ -709,6 +709,47 @@ fn finish_rounds(log: &mut Log, flush: BackgroundFlush) -> usize {
 }
 
 #[test]
+fn a_second_every_batch_flush_runs_beside_the_first_for_appends_it_does_not_cover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = LogConfig::default();
+    config.flush = FlushPolicy::EveryBatch;
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.flush_in_background();
+    log.append(&batch("a", 2, 1), opts()).expect("append");
+    let first = log.start_background_flush().expect("start").expect("due");
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "the running one covers every append"
+    );
+    log.append(&batch("b", 3, 1), opts()).expect("append");
+    let second = log
+        .start_background_flush()
+        .expect("start")
+        .expect("a second beside the first");
+    log.append(&batch("c", 1, 1), opts()).expect("append");
+    assert!(
+        log.start_background_flush().expect("start").is_none(),
+        "two at once at most"
+    );
+    // The second ends first, and goes on to the append that came meanwhile: an fsync
+    // covers whatever was written before it began, whichever ends first.
+    assert_eq!(finish_rounds(&mut log, second), 2);
+    assert_eq!(log.recovery_point(), 6);
+    // The first finds nothing left that the second did not take.
+    assert_eq!(finish_rounds(&mut log, first), 1);
+    assert_eq!(
+        log.recovery_point(),
+        6,
+        "an earlier end does not move it back"
+    );
+    assert!(log.start_background_flush().expect("start").is_none());
+    log.append(&batch("d", 1, 1), opts()).expect("append");
+    let next = log.start_background_flush().expect("start").expect("due");
+    finish_rounds(&mut log, next);
+    assert_eq!(log.recovery_point(), 7);
+}
+
+#[test]
 fn early_writeback_under_the_interval_policy_is_not_a_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = LogConfig::default();
