@@ -703,12 +703,14 @@ impl Log {
         Ok(())
     }
 
-    /// When a flush is due and none is running: starts one to run away from the appends
+    /// When a flush is due and none is running (under `FlushPolicy::EveryBatch`, fewer
+    /// than `FLUSHES_AT_ONCE`): starts one to run away from the appends
     /// (`BackgroundFlush::run`), whose result goes back through `finish_background_flush`.
     /// Due when a segment was sealed without its fsync (under any policy), under
     /// `FlushPolicy::Interval` when the interval has passed, and under
-    /// `FlushPolicy::EveryBatch` whenever anything is unflushed: appends go on while it
-    /// runs, and the next flush covers them all (group commit).
+    /// `FlushPolicy::EveryBatch` whenever something is unflushed that no running flush
+    /// covers: appends go on while it runs, and the next flush covers them all (group
+    /// commit).
     pub fn start_background_flush(&mut self) -> Result<Option<BackgroundFlush>> {
         let at_once = if self.flushes_follow_appends() {
             FLUSHES_AT_ONCE
