@@ -767,20 +767,13 @@ impl Log {
         }))
     }
 
-    /// Whether a new fsync would cover appends up to `end` that no running one does;
-    /// if so, it takes them. Only flushes that follow the appends run beside another.
+    /// Whether a new fsync, following the appends, would cover appends up to `end`
+    /// that no running one does; if so, it takes them. With none running it always
+    /// would, whatever an earlier one took.
     fn claim_sync(&self, end: u64) -> bool {
-        if self.flushes_in_flight == 0 {
-            if self.flushes_follow_appends() {
-                self.written
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .sync_started = end;
-            }
-            return true;
-        }
         let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
-        if written.truncations != self.truncations || written.sync_started >= end {
+        let taken = written.truncations != self.truncations || written.sync_started >= end;
+        if self.flushes_in_flight > 0 && taken {
             return false;
         }
         written.sync_started = end;
